@@ -1,0 +1,1 @@
+"""Model backends: `lite` (CPU, installs from PyPI) and `full` (the models the papers used)."""

@@ -1,0 +1,117 @@
+"""Typed build configuration: one section per stage, loadable from YAML, hashed for provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DecodeConfig(Section):
+    min_side: int = Field(64, description="images with a shorter side are rejected as too_small")
+    max_pixels: int = Field(
+        60_000_000, description="larger images are rejected as too_large before decoding"
+    )
+    max_bytes: int = Field(100_000_000, description="larger files are rejected unread")
+
+
+class DetectConfig(Section):
+    min_score: float | None = Field(
+        None,
+        description="drop faces scoring below this; None = the detector's own threshold "
+        "(SCRFD probability 0.5, dlib HOG SVM margin 0)",
+    )
+    min_face_size: int = Field(40, description="primary faces with a smaller box side are rejected")
+    max_faces: int = Field(0, description="reject images with more faces than this; 0 = no limit")
+    det_size: tuple[int, int] = Field((640, 640), description="InsightFace detector input size")
+    upsample: int = Field(1, description="dlib HOG upsampling (finds smaller faces, slower)")
+    max_side: int = Field(
+        1024, description="lite detector: images are downscaled to this side for detection"
+    )
+
+
+class AlignConfig(Section):
+    size: int = Field(512, description="side of the FFHQ-style aligned crop")
+    jpeg_quality: int = 95
+
+
+class CaptionConfig(Section):
+    max_new_tokens: int = 512
+    batch_size: int = 8
+
+
+class GroupConfig(Section):
+    # Documented in ARCHITECTURE.md: identity threshold per embedding family.
+    metric: Literal["euclidean", "cosine"] | None = Field(
+        None, description="distance for clustering; None = the model set's default"
+    )
+    threshold: float | None = Field(
+        None,
+        description="max distance between a face and an identity centroid; None = model default "
+        "(dlib 128-d: euclidean 0.6; ArcFace 512-d: cosine 0.6, i.e. similarity 0.4)",
+    )
+    near_duplicate: float | None = Field(
+        None,
+        description="max distance to flag a near duplicate; None = model default "
+        "(dlib: euclidean 0.15; ArcFace: cosine 0.05)",
+    )
+
+
+class ModelsConfig(Section):
+    set: Literal["lite", "full"] = "full"
+    # full set: where weights live. None = the libraries' default locations/download.
+    insightface_root: str | None = Field(
+        None, description="dir holding models/<name>/*.onnx (InsightFace layout)"
+    )
+    insightface_name: str = "buffalo_l"
+    facexlib_root: str | None = Field(None, description="dir holding parsing_bisenet.pth")
+    llava: str = Field("llava-hf/llava-1.5-7b-hf", description="hub id or local dir")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+class BuildConfig(Section):
+    shard_size: int = Field(1000, ge=1, description="inputs per shard")
+    batch_size: int = Field(16, ge=1, description="images per stage call")
+    workers: int = Field(1, ge=1, description="shards processed at once (Prefect task runner)")
+    labels: str | None = Field(
+        None, description="identity label file, lines '<file name> <identity>' (CelebA format)"
+    )
+    decode: DecodeConfig = DecodeConfig()
+    detect: DetectConfig = DetectConfig()
+    align: AlignConfig = AlignConfig()
+    caption: CaptionConfig = CaptionConfig()
+    group: GroupConfig = GroupConfig()
+    models: ModelsConfig = ModelsConfig()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BuildConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+    def with_overrides(self, **dotted: object) -> BuildConfig:
+        """Apply `section.field=value` overrides (CLI), validating the result."""
+        data = self.model_dump()
+        for dotted_key, value in dotted.items():
+            node = data
+            *parents, leaf = dotted_key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return BuildConfig.model_validate(data)
+
+    def output_hash(self) -> str:
+        """Hash of every setting that changes what a shard contains (not how fast it is made).
+
+        Recorded in every sample; a rerun with a different hash refuses to mix shards."""
+        data = self.model_dump(mode="json", exclude={"workers", "batch_size"})
+        data["caption"].pop("batch_size")
+        data["models"].pop("device")
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

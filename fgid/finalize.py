@@ -1,0 +1,137 @@
+"""Merge finished shards: identities, duplicate flags and the dataset summary.
+
+Runs over every shard index each time (cheap: Parquet only, no images), so it is idempotent and
+its output depends only on the set of finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fgid import grouping
+from fgid.config import BuildConfig
+from fgid.inputs import plans_from_table
+from fgid.schema import IDENTITY_SCHEMA, INDEX_SCHEMA, REGIONS, reason_code
+from storage.atomic import atomic_open, atomic_write_text
+
+AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
+
+
+def read_index(out_dir: str | Path) -> pa.Table:
+    files = sorted((Path(out_dir) / "shards").glob("[0-9]*.parquet"))
+    if not files:
+        return INDEX_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=INDEX_SCHEMA) for f in files])
+
+
+def assign_identities(ok: list[dict], config: BuildConfig) -> list[dict]:
+    """One IDENTITY_SCHEMA row per kept sample, in index order."""
+    if not ok:
+        return []
+    first_by_hash: dict[str, str] = {}
+    exact = []
+    for row in ok:
+        exact.append(first_by_hash.setdefault(row["sha256"], row["key"]))
+    emb = np.asarray([row["embedding"] for row in ok], dtype=np.float32)
+    metric, threshold, near = grouping.resolve(
+        emb.shape[1], config.group.metric, config.group.threshold, config.group.near_duplicate
+    )
+    names = [f"label-{row['label']}" if row["label"] else None for row in ok]
+    unlabelled = [i for i, name in enumerate(names) if name is None]
+    if unlabelled:
+        clusters = grouping.cluster(emb[unlabelled], metric, threshold)
+        for i, c in zip(unlabelled, clusters, strict=True):
+            names[i] = f"cluster-{c:06d}"
+    codes = {name: n for n, name in enumerate(dict.fromkeys(names))}
+    near_of = grouping.near_duplicates(emb, np.asarray([codes[n] for n in names]), metric, near)
+    sizes = Counter(names)
+    rows = []
+    for i, row in enumerate(ok):
+        is_exact = exact[i] != row["key"]
+        near_key = ok[near_of[i]]["key"] if near_of[i] >= 0 and not is_exact else None
+        rows.append({
+            "key": row["key"], "shard": row["shard"], "identity": names[i],
+            "identity_source": "label" if row["label"] else "cluster",
+            "identity_size": sizes[names[i]],
+            "duplicate_of": exact[i] if is_exact else None, "near_duplicate_of": near_key,
+        })  # fmt: skip
+    return rows
+
+
+def age_histogram(ages: list[float]) -> dict[str, int]:
+    edges = [*AGE_BINS, 200]
+    counts, _ = np.histogram(ages, bins=edges)
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BINS, AGE_BINS[1:], strict=False)] + ["80+"]
+    return dict(zip(labels, (int(c) for c in counts), strict=True))
+
+
+def summarize(index: pa.Table, identities: list[dict], out_dir: Path, config: BuildConfig) -> dict:
+    rows = index.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    plan = plans_from_table(pq.read_table(out_dir / "plan.parquet"))
+    done = sorted(int(p.name.split(".")[0]) for p in (out_dir / "shards").glob("*.stats.json"))
+    stage_totals: dict[str, list[float]] = {}
+    for shard in done:
+        stats = json.loads((out_dir / "shards" / f"{shard:05d}.stats.json").read_text())
+        for name, t in stats["stages"].items():
+            acc = stage_totals.setdefault(name, [0.0, 0])
+            acc[0] += t["seconds"]
+            acc[1] += t["images"]
+    # An identity is recognizable when it has two or more distinct images (duplicates excluded).
+    distinct = Counter(
+        r["identity"] for r in identities if not r["duplicate_of"] and not r["near_duplicate_of"]
+    )
+    per_identity = Counter(distinct.values())
+    ages = [r["age"] for r in ok if r["age"] is not None]
+    return {
+        "complete": len(done) == len(plan),
+        "shards": {"planned": len(plan), "done": len(done)},
+        "inputs": {"planned": sum(len(p.items) for p in plan), "indexed": len(rows)},
+        "samples": len(ok),
+        "rejected": len(rows) - len(ok),
+        "rejection_reasons": dict(
+            sorted(Counter(reason_code(r["reason"]) for r in rows if r["reason"]).items())
+        ),
+        "identities": {
+            "total": len(distinct),
+            "recognizable": sum(1 for n in distinct.values() if n >= 2),
+            "images_in_recognizable": sum(n for n in distinct.values() if n >= 2),
+            "from_labels": len({r["identity"] for r in identities if r["identity_source"] == "label"}),
+            "images_per_identity": {str(k): v for k, v in sorted(per_identity.items())},
+        },
+        "duplicates": {
+            "exact": sum(1 for r in identities if r["duplicate_of"]),
+            "near": sum(1 for r in identities if r["near_duplicate_of"]),
+        },
+        "age": {
+            "histogram": age_histogram(ages),
+            "mean": round(float(np.mean(ages)), 2) if ages else None,
+            "median": float(np.median(ages)) if ages else None,
+        },
+        "gender": dict(sorted(Counter(r["gender"] or "unknown" for r in ok).items())),
+        "regions_present": {name: sum(1 for r in ok if name in (r["regions"] or [])) for name in REGIONS},
+        "embedding_dim": len(ok[0]["embedding"]) if ok else None,
+        "stage_throughput": {
+            name: {"images": int(n), "seconds": round(s, 3), "images_per_s": round(n / s, 2) if s else None}
+            for name, (s, n) in stage_totals.items()
+        },
+        "config_hash": config.output_hash(),
+    }  # fmt: skip
+
+
+def finalize(out_dir: str | Path, config: BuildConfig) -> dict:
+    out = Path(out_dir)
+    index = read_index(out)
+    ok = index.filter(pa.compute.equal(index["status"], "ok")).to_pylist()
+    identities = assign_identities(ok, config)
+    with atomic_open(out / "identities.parquet") as handle:
+        pq.write_table(pa.Table.from_pylist(identities, schema=IDENTITY_SCHEMA), handle)
+    summary = summarize(index, identities, out, config)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    return summary

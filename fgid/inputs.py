@@ -1,0 +1,125 @@
+"""Turn folders, files and list files into a deterministic plan of shards.
+
+Keys are a hash of the absolute source path, so they carry no dots, survive reordering and are
+the same on every rerun. The plan is written once per output folder; a rerun must see the same
+plan, so that finished shards stay valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".jpe"}
+)
+LIST_SUFFIXES = frozenset({".txt", ".lst"})
+
+PLAN_SCHEMA = pa.schema(
+    [("shard", pa.int32()), ("key", pa.string()), ("source", pa.string()), ("label", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    key: str
+    source: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    shard_id: int
+    items: tuple[InputItem, ...]
+
+
+def sample_key(source: str) -> str:
+    return hashlib.sha1(source.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def _walk_images(folder: Path) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            # Hidden files are editor/OS litter (.DS_Store, ._foo.jpg), not photos.
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(os.path.join(root, name))
+    return found
+
+
+def _read_list(path: Path) -> list[str]:
+    base = path.parent
+    sources = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            sources.append(line if os.path.isabs(line) else str(base / line))
+    return sources
+
+
+def collect_sources(inputs: list[str]) -> list[str]:
+    """Expand inputs into absolute source paths, sorted and without repeats.
+
+    A folder contributes every image-suffixed file below it; a .txt/.lst file is a list of
+    paths (one per line, relative to the list); any other path is taken as one image, even if it
+    does not exist (it then becomes an `unreadable` row, not a crash)."""
+    sources: set[str] = set()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            sources.update(_walk_images(path))
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            sources.update(_read_list(path))
+        elif not path.exists() and not path.is_symlink() and not path.parent.exists():
+            raise FileNotFoundError(f"input not found: {raw}")
+        else:
+            sources.add(str(path))
+    return sorted(os.path.abspath(s) for s in sources)
+
+
+def read_labels(path: str | None) -> dict[str, str]:
+    """CelebA's identity_CelebA.txt format: '<file name> <identity>' per line."""
+    if not path:
+        return {}
+    labels = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected '<file> <identity>', got {line!r}")
+        labels[parts[0]] = parts[1]
+    return labels
+
+
+def plan_shards(
+    inputs: list[str], shard_size: int, labels_file: str | None = None
+) -> list[ShardPlan]:
+    labels = read_labels(labels_file)
+    sources = collect_sources(inputs)
+    items = [InputItem(sample_key(s), s, labels.get(os.path.basename(s))) for s in sources]
+    return [
+        ShardPlan(i // shard_size, tuple(items[i : i + shard_size]))
+        for i in range(0, len(items), shard_size)
+    ]
+
+
+def plan_table(plans: list[ShardPlan]) -> pa.Table:
+    rows = [(p.shard_id, it.key, it.source, it.label) for p in plans for it in p.items]
+    columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    return pa.Table.from_arrays([pa.array(c, t.type) for c, t in zip(columns, PLAN_SCHEMA, strict=True)],
+                                schema=PLAN_SCHEMA)  # fmt: skip
+
+
+def plans_from_table(table: pa.Table) -> list[ShardPlan]:
+    grouped: dict[int, list[InputItem]] = {}
+    for row in table.to_pylist():
+        grouped.setdefault(row["shard"], []).append(
+            InputItem(row["key"], row["source"], row["label"])
+        )
+    return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]

@@ -1,0 +1,185 @@
+"""The build as plain Python: plan, process each shard through the stages, finalize.
+
+Prefect (flows/build.py) wires the same three functions into tasks; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from fgid.config import BuildConfig
+from fgid.inputs import ShardPlan, plan_shards, plan_table, plans_from_table
+from fgid.protocols import ModelSet
+from fgid.sample import Sample
+from fgid.schema import FORMAT_VERSION, reason_code
+from fgid.stages.align import AlignStage
+from fgid.stages.base import Stage
+from fgid.stages.caption import CaptionStage
+from fgid.stages.decode import DecodeStage
+from fgid.stages.detect import DetectStage
+from fgid.stages.identity import AttributeStage, EmbedStage
+from fgid.stages.parse import ParseStage, regions_unseen
+from fgid.writer import ShardWriter, encode_sample, shard_paths
+from storage.atomic import atomic_open, atomic_write_text, remove_stale_tmp
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.parquet"
+BUILD_FILE = "build.json"
+
+
+class OutputMismatch(RuntimeError):
+    """The output folder holds a build of other inputs or another configuration."""
+
+
+def build_stages(config: BuildConfig, models: ModelSet) -> list[Stage]:
+    return [
+        DecodeStage(config.decode),
+        DetectStage(models.detector, config.detect),
+        AlignStage(config.align),
+        ParseStage(models.parser),
+        EmbedStage(models.embedder),
+        AttributeStage(models.attributes),
+        CaptionStage(models.captioner),
+    ]
+
+
+def prepare_output(inputs: list[str], out_dir: str | Path, config: BuildConfig) -> list[ShardPlan]:
+    """Plan the shards and record the plan, or check a rerun against the recorded one."""
+    out = Path(out_dir)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out / "shards")
+    remove_stale_tmp(out)
+    plans = plan_shards(inputs, config.shard_size, config.labels)
+    build_info = {"config_hash": config.output_hash(), "config": config.model_dump(mode="json"),
+                  "format_version": FORMAT_VERSION}  # fmt: skip
+    plan_path, build_path = out / PLAN_FILE, out / BUILD_FILE
+    if build_path.exists():
+        previous = json.loads(build_path.read_text())
+        if previous["config_hash"] != build_info["config_hash"]:
+            raise OutputMismatch(
+                f"{out} was built with another configuration (hash {previous['config_hash']}, "
+                f"now {build_info['config_hash']}); use a new --out or the same settings"
+            )
+        recorded = plans_from_table(pq.read_table(plan_path))
+        if recorded != plans:
+            raise OutputMismatch(
+                f"{out} was planned from other inputs ({sum(len(p.items) for p in recorded)} "
+                f"files then, {sum(len(p.items) for p in plans)} now); use a new --out"
+            )
+        return plans
+    with atomic_open(plan_path) as handle:
+        pq.write_table(plan_table(plans), handle)
+    atomic_write_text(build_path, json.dumps(build_info, indent=2, sort_keys=True))
+    return plans
+
+
+def shard_done(out_dir: str | Path, shard_id: int) -> bool:
+    return shard_paths(Path(out_dir), shard_id)["stats"].exists()
+
+
+def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: list[str]) -> dict:
+    face, attrs = sample.face, sample.attributes
+    return {
+        "key": sample.key,
+        "source": sample.source,
+        "sha256": sample.sha256,
+        "original_size": [sample.width, sample.height],
+        "source_info": sample.source_info,
+        "face": {
+            "box": [round(float(v), 2) for v in face.box],
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
+            "score": round(face.score, 5),
+            "count": sample.face_count,
+        },
+        "aligned": {
+            "size": config.align.size,
+            "transform": [[round(float(v), 6) for v in row] for row in sample.transform],
+        },
+        "age": attrs.age,
+        "gender": attrs.gender,
+        "attributes_extra": attrs.extra,
+        "identity": {"label": sample.label, "source": "label" if sample.label else "cluster"},
+        "regions": {"present": sample.regions, "unseen": unseen},
+        "embedding": {"dim": int(sample.embedding.shape[0]), "model": models.embedder.name},
+        "models": models.describe(),
+        "versions": {"fgid": version("fgid")},
+        "config_hash": config.output_hash(),
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def process_shard(
+    plan: ShardPlan, out_dir: str | Path, config: BuildConfig, models: ModelSet
+) -> dict:
+    """Run every input of one shard through the stages and commit the shard. Returns its stats."""
+    started = time.perf_counter()
+    stages = build_stages(config, models)
+    unseen = regions_unseen(models.parser)
+    writer = ShardWriter(Path(out_dir), plan.shard_id)
+    try:
+        for start in range(0, len(plan.items), config.batch_size):
+            chunk = plan.items[start : start + config.batch_size]
+            batch = [Sample(it.key, plan.shard_id, it.source, it.label) for it in chunk]
+            for stage in stages:
+                stage(batch)
+            for sample in batch:
+                members = None
+                if sample.ok:
+                    meta = sample_meta(sample, models, config, unseen)
+                    members = encode_sample(sample, meta, config.align.jpeg_quality)
+                writer.add(sample, members)
+                sample.release()
+        reasons = Counter(reason_code(r["reason"]) for r in writer.rows if r["reason"])
+        stats = {
+            "shard": plan.shard_id,
+            "inputs": len(plan.items),
+            "ok": sum(r["status"] == "ok" for r in writer.rows),
+            "rejected": sum(r["status"] != "ok" for r in writer.rows),
+            "reasons": dict(sorted(reasons.items())),
+            "stages": {s.name: s.timing.as_dict() for s in stages},
+            "tar_bytes": writer.bytes_written,
+            "tar_write_seconds": round(writer.write_seconds, 4),
+            "wall_seconds": None,
+            "config_hash": config.output_hash(),
+            "models": models.describe(),
+        }
+        stats["wall_seconds"] = round(time.perf_counter() - started, 3)
+        writer.commit(stats)
+    except BaseException:
+        writer.abort()
+        raise
+    log.info("shard %05d: %d ok, %d rejected in %.1fs", plan.shard_id, stats["ok"],
+             stats["rejected"], stats["wall_seconds"])  # fmt: skip
+    return stats
+
+
+def build(
+    inputs: list[str],
+    out_dir: str | Path,
+    config: BuildConfig,
+    models: ModelSet | None = None,
+    on_shard: Callable[[dict], None] | None = None,
+) -> dict:
+    """The whole build without Prefect: same plan, same shards, same finalize."""
+    from fgid.finalize import finalize
+    from fgid.models import cached_model_set
+
+    plans = prepare_output(inputs, out_dir, config)
+    todo = [p for p in plans if not shard_done(out_dir, p.shard_id)]
+    log.info("%d shards planned, %d to do", len(plans), len(todo))
+    if todo:
+        models = models or cached_model_set(config)
+    for plan in todo:
+        stats = process_shard(plan, out_dir, config, models)
+        if on_shard:
+            on_shard(stats)
+    return finalize(out_dir, config)
