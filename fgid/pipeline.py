@@ -9,12 +9,12 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from fgid import progress
 from fgid.config import BuildConfig
 from fgid.inputs import ShardPlan, plan_shards, plan_table, plans_from_table
 from fgid.protocols import ModelSet
@@ -84,6 +84,10 @@ def prepare_output(inputs: list[str], out_dir: str | Path, config: BuildConfig) 
 
 def shard_done(out_dir: str | Path, shard_id: int) -> bool:
     return shard_paths(Path(out_dir), shard_id)["stats"].exists()
+
+
+def shard_stats(out_dir: str | Path, shard_id: int) -> dict:
+    return json.loads(shard_paths(Path(out_dir), shard_id)["stats"].read_text())
 
 
 def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: list[str]) -> dict:
@@ -163,11 +167,7 @@ def process_shard(
 
 
 def build(
-    inputs: list[str],
-    out_dir: str | Path,
-    config: BuildConfig,
-    models: ModelSet | None = None,
-    on_shard: Callable[[dict], None] | None = None,
+    inputs: list[str], out_dir: str | Path, config: BuildConfig, models: ModelSet | None = None
 ) -> dict:
     """The whole build without Prefect: same plan, same shards, same finalize."""
     from fgid.finalize import finalize
@@ -179,7 +179,5 @@ def build(
     if todo:
         models = models or cached_model_set(config)
     for plan in todo:
-        stats = process_shard(plan, out_dir, config, models)
-        if on_shard:
-            on_shard(stats)
+        progress.shard_finished(process_shard(plan, out_dir, config, models))
     return finalize(out_dir, config)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 # Tests never reach a model hub or send analytics.
+sys.path.insert(0, str(Path(__file__).parent))  # test helper modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,3 +28,51 @@ def lite_models(lite_config):
     from fgid.models import cached_model_set
 
     return cached_model_set(lite_config)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture()
+def prefect_home(tmp_path, monkeypatch):
+    """A private Prefect home: its own SQLite database and temporary server per test."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    return tmp_path / "prefect-home"
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(tmp_path_factory):
+    """The demo folder of real photos (fgid samples): faces, duplicates, a no-face, a bad file."""
+    from fgid.samples import write_samples
+
+    folder = tmp_path_factory.mktemp("demo-inputs")
+    write_samples(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1, shared by the slow flow tests, stopped at the end."""
+    from prefect_server import PrefectServer
+
+    home = tmp_path_factory.mktemp("prefect") / "home"
+    home.mkdir()
+    server = PrefectServer(home).start()
+    yield server
+    server.stop()

@@ -43,8 +43,8 @@ def expected_face(image_shape: tuple[int, ...], det_size: tuple[int, int] = (640
         scale = new_h / height
     cx = (det_w // DET_STRIDE // 2) * DET_STRIDE
     cy = (det_h // DET_STRIDE // 2) * DET_STRIDE
-    l, t, r, b = (v * DET_STRIDE for v in DET_BOX)
-    box = np.array([cx - l, cy - t, cx + r, cy + b], dtype=np.float32) / scale
+    left, top, right, bottom = (v * DET_STRIDE for v in DET_BOX)
+    box = np.array([cx - left, cy - top, cx + right, cy + bottom], dtype=np.float32) / scale
     kps = (np.array(DET_KPS, dtype=np.float32) * DET_STRIDE + [cx, cy]) / scale
     return {"box": box, "landmarks": kps.astype(np.float32), "score": DET_SCORE}
 
@@ -157,8 +157,14 @@ def _linear_head_graph(name: str, side: int, pool: int, weight: np.ndarray, bias
     # Node names must not start with Sub/Mul: InsightFace reads that as an MXNet export and
     # switches off its own input normalisation.
     nodes = [
-        helper.make_node("AveragePool", ["data"], ["pooled"], name="pool", kernel_shape=[pool] * 2,
-                         strides=[pool] * 2),  # fmt: skip
+        helper.make_node(
+            "AveragePool",
+            ["data"],
+            ["pooled"],
+            name="pool",
+            kernel_shape=[pool] * 2,
+            strides=[pool] * 2,
+        ),
         helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
         helper.make_node("Gemm", ["flat", "weight", "bias"], ["output"], name="fc"),
     ]
@@ -278,6 +284,12 @@ def build_tiny_llava(root: Path) -> Path:
     )
     torch.manual_seed(SEED)
     model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # One explicit small-normal init for every matrix: with the library defaults the tiny
+        # model ignores its image and says the same thing for every input.
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.02)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,34 @@
+# Every target installs what it needs first, so a fresh clone needs only Python 3.11+ and make.
+PY ?= python3
+UV := $(PY) -m uv
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+setup:
+	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
+	$(UV) sync --frozen --extra dev
+
+# A real build of real photos (from installed packages) with the lite models on a local Prefect server.
+demo: setup
+	$(UV) run fgid samples data/samples
+	$(UV) run fgid build data/samples --out data/fgid-demo --models lite --shard-size 4
+	$(UV) run fgid inspect data/fgid-demo
+
+# Everything CI runs: unit, slow (Prefect server, real kills) and, where a GPU exists, gpu tests.
+test: setup
+	$(UV) run pytest
+
+test-fast: setup
+	$(UV) run pytest -m "not slow and not gpu"
+
+lint: setup
+	$(UV) run ruff check . && $(UV) run ruff format --check .
+
+format: setup
+	$(UV) run ruff format . && $(UV) run ruff check --fix .
+
+bench: setup
+	$(UV) run python bench/build_bench.py
+
+clean:
+	rm -rf data/fgid-demo data/samples .pytest_cache

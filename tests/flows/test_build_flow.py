@@ -1,0 +1,91 @@
+"""The `fgid build` command as users run it, on a real Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[2], timeout=300,
+    )  # fmt: skip
+
+
+def tar_bytes(out: Path) -> dict[str, bytes]:
+    files = sorted((out / "shards").glob("*.tar")) + sorted((out / "shards").glob("*.parquet"))
+    return {p.name: p.read_bytes() for p in files}
+
+
+async def flow_run_report(api_url: str, flow_name: str):
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter
+
+    async with PrefectClient(api=api_url) as client:
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        tasks, artifacts = [], []
+        for _ in range(60):  # the server records task runs asynchronously
+            tasks = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id={"any_": [r.id for r in runs]})
+            )
+            artifacts = await client.read_artifacts()
+            if len(tasks) >= 4 and len(artifacts) >= 2 and all(t.state.is_final() for t in tasks):
+                break
+            await asyncio.sleep(0.5)
+        return runs, tasks, artifacts
+
+
+def test_build_flow_on_a_real_server(prefect_server, demo_inputs, tmp_path):
+    out = tmp_path / "celeb-demo"
+    args = ["build", str(demo_inputs), "--out", str(out), "--models", "lite", "--shard-size", "4"]
+    done = run_cli(args, env=prefect_server.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shard 00000: 4 inputs" in done.stderr + done.stdout
+
+    runs, tasks, artifacts = asyncio.run(flow_run_report(prefect_server.api_url, "fgid-build"))
+    assert [r.name for r in runs] == ["build-celeb-demo-lite"]
+    assert runs[0].state.is_completed()
+    names = sorted(t.name for t in tasks)
+    assert names == ["finalize-celeb-demo", "shard-00000", "shard-00001", "shard-00002"]
+    assert all(t.state.is_completed() for t in tasks)
+    keys = [a.key for a in artifacts if a.key]
+    assert "fgid-summary-celeb-demo" in keys
+    markdown = next(a for a in artifacts if a.key == "fgid-summary-celeb-demo")
+    assert "Rejection reasons" in markdown.data and "no_face" in markdown.data
+
+    # Plain webdataset reads the flow's shards; they equal a plain-Python build's byte for byte.
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    assert len(list(wds.WebDataset(shards, shardshuffle=False))) == 8
+    plain = tmp_path / "plain"
+    done_plain = run_cli([*args[:3], str(plain), *args[4:], "--no-prefect"])
+    assert done_plain.returncode == 0, done_plain.stderr[-3000:]
+    assert tar_bytes(out) == tar_bytes(plain)
+
+    # Rerunning the same command finds every shard done and rewrites none.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    time.sleep(0.01)
+    again = run_cli(args, env=prefect_server.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 already done, 0 to build" in again.stderr + again.stdout
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+
+
+def test_inspect_prints_a_readable_summary(demo_inputs, tmp_path):
+    out = tmp_path / "ds"
+    built = run_cli(["build", str(demo_inputs), "--out", str(out), "--models", "lite", "--no-prefect"])
+    assert built.returncode == 0, built.stderr[-3000:]
+    shown = run_cli(["inspect", str(out)])
+    assert shown.returncode == 0
+    for text in ("samples kept", "no_face", "Age (estimated)", "caption:", "template caption"):
+        assert text in shown.stdout, text
+    missing = run_cli(["inspect", str(tmp_path)])
+    assert missing.returncode == 2 and "not a finished fgid build" in missing.stderr
