@@ -27,7 +27,7 @@ class DetectConfig(Section):
     min_score: float | None = Field(
         None,
         description="drop faces scoring below this; None = the detector's own threshold "
-        "(SCRFD probability 0.5, dlib HOG SVM margin 0)",
+        "(SCRFD probability 0.5, dlib HOG SVM margin 0.3)",
     )
     min_face_size: int = Field(40, description="primary faces with a smaller box side are rejected")
     max_faces: int = Field(0, description="reject images with more faces than this; 0 = no limit")

@@ -55,12 +55,17 @@ def assign_identities(ok: list[dict], config: BuildConfig) -> list[dict]:
     for i, row in enumerate(ok):
         is_exact = exact[i] != row["key"]
         near_key = ok[near_of[i]]["key"] if near_of[i] >= 0 and not is_exact else None
-        rows.append({
-            "key": row["key"], "shard": row["shard"], "identity": names[i],
-            "identity_source": "label" if row["label"] else "cluster",
-            "identity_size": sizes[names[i]],
-            "duplicate_of": exact[i] if is_exact else None, "near_duplicate_of": near_key,
-        })  # fmt: skip
+        rows.append(
+            {
+                "key": row["key"],
+                "shard": row["shard"],
+                "identity": names[i],
+                "identity_source": "label" if row["label"] else "cluster",
+                "identity_size": sizes[names[i]],
+                "duplicate_of": exact[i] if is_exact else None,
+                "near_duplicate_of": near_key,
+            }
+        )
     return rows
 
 
@@ -102,7 +107,9 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: Path, config: Bu
             "total": len(distinct),
             "recognizable": sum(1 for n in distinct.values() if n >= 2),
             "images_in_recognizable": sum(n for n in distinct.values() if n >= 2),
-            "from_labels": len({r["identity"] for r in identities if r["identity_source"] == "label"}),
+            "from_labels": len(
+                {r["identity"] for r in identities if r["identity_source"] == "label"}
+            ),
             "images_per_identity": {str(k): v for k, v in sorted(per_identity.items())},
         },
         "duplicates": {
@@ -115,14 +122,20 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: Path, config: Bu
             "median": float(np.median(ages)) if ages else None,
         },
         "gender": dict(sorted(Counter(r["gender"] or "unknown" for r in ok).items())),
-        "regions_present": {name: sum(1 for r in ok if name in (r["regions"] or [])) for name in REGIONS},
+        "regions_present": {
+            name: sum(1 for r in ok if name in (r["regions"] or [])) for name in REGIONS
+        },
         "embedding_dim": len(ok[0]["embedding"]) if ok else None,
         "stage_throughput": {
-            name: {"images": int(n), "seconds": round(s, 3), "images_per_s": round(n / s, 2) if s else None}
+            name: {
+                "images": int(n),
+                "seconds": round(s, 3),
+                "images_per_s": round(n / s, 2) if s else None,
+            }
             for name, (s, n) in stage_totals.items()
         },
         "config_hash": config.output_hash(),
-    }  # fmt: skip
+    }
 
 
 def finalize(out_dir: str | Path, config: BuildConfig) -> dict:

@@ -23,8 +23,13 @@ DEFAULTS = {
 
 
 def resolve(dim: int, metric: str | None, threshold: float | None, near: float | None):
+    """Fill unset settings from the defaults for this embedding size (0.0 is a setting)."""
     default = DEFAULTS.get(dim, ("cosine", 0.6, 0.05))
-    return metric or default[0], threshold or default[1], near or default[2]
+    return (
+        default[0] if metric is None else metric,
+        default[1] if threshold is None else threshold,
+        default[2] if near is None else near,
+    )
 
 
 def distances(vectors: np.ndarray, points: np.ndarray, metric: str) -> np.ndarray:
@@ -38,7 +43,7 @@ def distances(vectors: np.ndarray, points: np.ndarray, metric: str) -> np.ndarra
 
 
 def cluster(embeddings: np.ndarray, metric: str, threshold: float) -> np.ndarray:
-    """Leader clustering in row order -> identity index per row (0, 1, ... in order of first use)."""
+    """Leader clustering in row order -> identity per row (0, 1, ... in order of first use)."""
     n = len(embeddings)
     labels = np.empty(n, dtype=np.int64)
     sums = np.zeros((0, embeddings.shape[1]), dtype=np.float64)

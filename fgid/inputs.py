@@ -112,8 +112,9 @@ def plan_shards(
 def plan_table(plans: list[ShardPlan]) -> pa.Table:
     rows = [(p.shard_id, it.key, it.source, it.label) for p in plans for it in p.items]
     columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
-    return pa.Table.from_arrays([pa.array(c, t.type) for c, t in zip(columns, PLAN_SCHEMA, strict=True)],
-                                schema=PLAN_SCHEMA)  # fmt: skip
+    return pa.Table.from_arrays(
+        [pa.array(c, t.type) for c, t in zip(columns, PLAN_SCHEMA, strict=True)], schema=PLAN_SCHEMA
+    )
 
 
 def plans_from_table(table: pa.Table) -> list[ShardPlan]:

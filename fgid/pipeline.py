@@ -59,8 +59,11 @@ def prepare_output(inputs: list[str], out_dir: str | Path, config: BuildConfig) 
     remove_stale_tmp(out / "shards")
     remove_stale_tmp(out)
     plans = plan_shards(inputs, config.shard_size, config.labels)
-    build_info = {"config_hash": config.output_hash(), "config": config.model_dump(mode="json"),
-                  "format_version": FORMAT_VERSION}  # fmt: skip
+    build_info = {
+        "config_hash": config.output_hash(),
+        "config": config.model_dump(mode="json"),
+        "format_version": FORMAT_VERSION,
+    }
     plan_path, build_path = out / PLAN_FILE, out / BUILD_FILE
     if build_path.exists():
         previous = json.loads(build_path.read_text())
@@ -161,8 +164,13 @@ def process_shard(
     except BaseException:
         writer.abort()
         raise
-    log.info("shard %05d: %d ok, %d rejected in %.1fs", plan.shard_id, stats["ok"],
-             stats["rejected"], stats["wall_seconds"])  # fmt: skip
+    log.info(
+        "shard %05d: %d ok, %d rejected in %.1fs",
+        plan.shard_id,
+        stats["ok"],
+        stats["rejected"],
+        stats["wall_seconds"],
+    )
     return stats
 
 

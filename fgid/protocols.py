@@ -18,7 +18,9 @@ class Detection:
 
     box: np.ndarray  # (4,) float32: x1, y1, x2, y2
     score: float
-    landmarks: np.ndarray  # (5, 2) float32: eye (image left), eye (image right), nose, mouth left, mouth right
+    landmarks: (
+        np.ndarray
+    )  # (5, 2) float32: eye (image left), eye (image right), nose, mouth left, mouth right
     # Backend-specific extra landmarks (dlib's 68 points); parsers that need them read them here.
     dense_landmarks: np.ndarray | None = None
 
@@ -75,8 +77,7 @@ class FaceEmbedder(Protocol):
 class AttributeEstimator(Protocol):
     name: str
 
-    def estimate(self, images: list[np.ndarray], faces: list[Detection]) -> list[Attributes]:
-        ...
+    def estimate(self, images: list[np.ndarray], faces: list[Detection]) -> list[Attributes]: ...
 
 
 @runtime_checkable

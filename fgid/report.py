@@ -31,7 +31,9 @@ def summary_markdown(summary: dict, out_dir: str) -> str:
         "" if summary["complete"] else "**Incomplete: some shards are not done; rerun to resume.**",
         _md_table(("metric", "value"), [(r["metric"], r["value"]) for r in summary_table(summary)]),
         "## Rejection reasons",
-        _md_table(("reason", "inputs"), list(summary["rejection_reasons"].items()) or [("none", 0)]),
+        _md_table(
+            ("reason", "inputs"), list(summary["rejection_reasons"].items()) or [("none", 0)]
+        ),
         "## Age (estimated)",
         _md_table(("years", "samples"), list(summary["age"]["histogram"].items())),
         "## Gender (estimated)",
@@ -39,7 +41,9 @@ def summary_markdown(summary: dict, out_dir: str) -> str:
         "## Facial regions present",
         _md_table(("region", "samples"), list(summary["regions_present"].items())),
         "## Images per identity",
-        _md_table(("images", "identities"), list(summary["identities"]["images_per_identity"].items())),
+        _md_table(
+            ("images", "identities"), list(summary["identities"]["images_per_identity"].items())
+        ),
         "## Stage throughput",
         _md_table(
             ("stage", "images/s"),

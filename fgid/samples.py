@@ -43,7 +43,9 @@ def write_samples(folder: str | Path) -> list[Path]:
     try:
         import matplotlib
 
-        copies["grace_hopper.jpg"] = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        copies["grace_hopper.jpg"] = (
+            Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        )
     except ImportError:
         pass
     for name, source in copies.items():
@@ -53,4 +55,3 @@ def write_samples(folder: str | Path) -> list[Path]:
         ImageOps.mirror(Image.open(hopper)).save(out / "grace_hopper flipped.jpg")
     (out / "notes.jpg").write_bytes(b"not an image, only a name that says so\n")
     return sorted(p for p in out.iterdir() if p.is_file())
-

@@ -32,9 +32,26 @@ FACIAL_PROMPT = (
 
 # FGID_SPEC §2: CelebAMask-HQ label order used by BiSeNet (facexlib).
 PARSING_CLASSES = (
-    "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eyeglasses", "l_ear", "r_ear",
-    "earring", "nose", "mouth", "u_lip", "l_lip", "neck", "necklace", "cloth", "hair", "hat",
-)  # fmt: skip
+    "background",
+    "skin",
+    "l_brow",
+    "r_brow",
+    "l_eye",
+    "r_eye",
+    "eyeglasses",
+    "l_ear",
+    "r_ear",
+    "earring",
+    "nose",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "neck",
+    "necklace",
+    "cloth",
+    "hair",
+    "hat",
+)
 CLASS_ID = {name: i for i, name in enumerate(PARSING_CLASSES)}
 
 # The five facial regions, in the order ConsistentID consumes them.

@@ -35,9 +35,10 @@ def shard_paths(out_dir: Path, shard_id: int) -> dict[str, Path]:
 
 def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, bytes]:
     ok, jpg = cv2.imencode(
-        ".jpg", cv2.cvtColor(sample.aligned, cv2.COLOR_RGB2BGR),
+        ".jpg",
+        cv2.cvtColor(sample.aligned, cv2.COLOR_RGB2BGR),
         [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality],
-    )  # fmt: skip
+    )
     ok2, png = cv2.imencode(".png", sample.label_map)
     if not (ok and ok2):
         raise ValueError("image encoding failed")
@@ -82,7 +83,8 @@ class ShardWriter:
         self.paths = shard_paths(out_dir, shard_id)
         self._tar_cm = atomic_open(self.paths["tar"])
         self._handle = self._tar_cm.__enter__()
-        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)
+        # Closed in commit()/abort(): the shard stays open while its batches stream in.
+        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.rows: list[dict] = []
         self.bytes_written = 0
         self.write_seconds = 0.0

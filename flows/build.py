@@ -32,9 +32,13 @@ def build_shard(plan: ShardPlan, out_dir: str, config: BuildConfig) -> dict:
     stats = process_shard(plan, out_dir, config, cached_model_set(config))
     logger.info(
         "shard %05d: %d inputs, %d ok, %d rejected %s in %.1fs",
-        plan.shard_id, stats["inputs"], stats["ok"], stats["rejected"], stats["reasons"],
+        plan.shard_id,
+        stats["inputs"],
+        stats["ok"],
+        stats["rejected"],
+        stats["reasons"],
         stats["wall_seconds"],
-    )  # fmt: skip
+    )
     progress.shard_finished(stats)
     return stats
 
@@ -44,14 +48,17 @@ def finalize_build(out_dir: str, config: BuildConfig) -> dict:
     summary = finalize(out_dir, config)
     name = Path(out_dir).name.lower().replace("_", "-")
     create_markdown_artifact(
-        summary_markdown(summary, out_dir), key=f"fgid-summary-{name}"[:100],
+        summary_markdown(summary, out_dir),
+        key=f"fgid-summary-{name}"[:100],
         description="FGID build summary",
-    )  # fmt: skip
+    )
     create_table_artifact(summary_table(summary), description="FGID build counts")
     get_run_logger().info(
-        "%d samples, %d rejected, %d identities", summary["samples"], summary["rejected"],
+        "%d samples, %d rejected, %d identities",
+        summary["samples"],
+        summary["rejected"],
         summary["identities"]["total"],
-    )  # fmt: skip
+    )
     return summary
 
 
@@ -69,8 +76,12 @@ def build(inputs: list[str], out: str, config: BuildConfig | None = None) -> dic
     logger = get_run_logger()
     plans: list[ShardPlan] = prepare_output(inputs, out, config)
     todo = [p for p in plans if not shard_done(out, p.shard_id)]
-    logger.info("%d shards planned, %d already done, %d to build", len(plans),
-                len(plans) - len(todo), len(todo))  # fmt: skip
+    logger.info(
+        "%d shards planned, %d already done, %d to build",
+        len(plans),
+        len(plans) - len(todo),
+        len(todo),
+    )
     futures = [
         build_shard.with_options(task_run_name=f"shard-{p.shard_id:05d}").submit(p, out, config)
         for p in todo

@@ -29,7 +29,9 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
     overrides = {}
     for pair in pairs:
         if "=" not in pair:
-            raise typer.BadParameter(f"expected section.field=value, got {pair!r}", param_hint="--set")
+            raise typer.BadParameter(
+                f"expected section.field=value, got {pair!r}", param_hint="--set"
+            )
         key, value = pair.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
@@ -37,18 +39,31 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 @app.command()
 def build(
-    inputs: Annotated[list[str], typer.Argument(help="Image folders, image files, or .txt lists of paths.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; rerun to resume).")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image folders, image files, or .txt lists of paths.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (created; rerun to resume).")
+    ],
     models: Annotated[
-        str | None, typer.Option(help="Model set: 'full' (InsightFace, BiSeNet, LLaVA) or 'lite' (CPU, offline); default full.")
+        str | None,
+        typer.Option(
+            help="Model set: 'full' (InsightFace, BiSeNet, LLaVA; the default) "
+            "or 'lite' (CPU, offline)."
+        ),
     ] = None,
     shard_size: Annotated[int | None, typer.Option(help="Inputs per shard; default 1000.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per model call; default 16.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per model call; default 16.")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Shards built at once; default 1.")] = None,
     labels: Annotated[
-        Path | None, typer.Option(help="Identity labels, '<file name> <identity>' lines (CelebA format).")
+        Path | None,
+        typer.Option(help="Identity labels, '<file name> <identity>' lines (CelebA format)."),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config; flags and --set override it.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config; flags and --set override it.")
+    ] = None,
     set_: Annotated[
         list[str], typer.Option("--set", help="Override any setting: --set detect.min_face_size=64")
     ] = [],  # noqa: B006 - typer needs a list default
@@ -61,8 +76,13 @@ def build(
 
     cfg = BuildConfig.from_yaml(config) if config else BuildConfig()
     overrides = _parse_overrides(set_)
-    flags = {"models.set": models, "shard_size": shard_size, "batch_size": batch_size,
-             "workers": workers, "labels": str(labels) if labels else None}  # fmt: skip
+    flags = {
+        "models.set": models,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "workers": workers,
+        "labels": str(labels) if labels else None,
+    }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     cfg = cfg.with_overrides(**overrides)
     summary = _run_build(inputs, out, cfg, prefect)
@@ -76,9 +96,18 @@ def _run_build(inputs: list[str], out: Path, cfg, use_prefect: bool) -> dict:
     from fgid.inputs import collect_sources
 
     total = len(collect_sources(inputs))
-    console.print(f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})")
-    bar = Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
-                   TimeElapsedColumn(), console=console, disable=not console.is_terminal)  # fmt: skip
+    console.print(
+        f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})"
+    )
+    bar = Progress(
+        TextColumn("shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("inputs"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
     task = bar.add_task("build", total=total)
     unsubscribe = progress.subscribe(lambda stats: bar.advance(task, stats["inputs"]))
     try:
@@ -121,7 +150,9 @@ def inspect(
     """Summarize a built dataset: counts, identities, rejections, age and gender, samples."""
     summary_path = dataset / "summary.json"
     if not summary_path.is_file():
-        console.print(f"[red]{escape(str(dataset))} has no summary.json: not a finished fgid build[/]")
+        console.print(
+            f"[red]{escape(str(dataset))} has no summary.json: not a finished fgid build[/]"
+        )
         raise typer.Exit(2)
     summary = json.loads(summary_path.read_text())
     if as_json:
@@ -147,8 +178,10 @@ def _print_samples(dataset: Path, count: int, out: Console) -> None:
     for sample in reader.slice(count):
         meta = json.loads(sample["json"])
         # Captions and file names are data: escape them so brackets are not read as markup.
-        out.print(f"[bold]{sample['__key__']}[/] {escape(os.path.basename(meta['source']))}: "
-                  f"{meta['gender']}, age {meta['age']}, regions {meta['regions']['present']}")  # fmt: skip
+        out.print(
+            f"[bold]{sample['__key__']}[/] {escape(os.path.basename(meta['source']))}: "
+            f"{meta['gender']}, age {meta['age']}, regions {meta['regions']['present']}"
+        )
         out.print(f"  caption: {escape(sample['caption.txt'].decode())}")
         out.print(f"  facial:  {escape(sample['facial.txt'].decode())}")
 
@@ -157,7 +190,7 @@ def _print_samples(dataset: Path, count: int, out: Console) -> None:
 def samples_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the demo photos into.")],
 ) -> None:
-    """Write demo input photos taken from installed packages (real faces, one no-face, one bad file)."""
+    """Write demo photos from installed packages: real faces, a no-face image, a bad file."""
     from fgid.samples import write_samples
 
     files = write_samples(folder)

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"fgid": ("prefect", "flows", "training"), "storage": ("prefect", "flows", "training", "fgid")}
+FORBIDDEN = {
+    "fgid": ("prefect", "flows", "training"),
+    "storage": ("prefect", "flows", "training", "fgid"),
+}
 
 
 def imported_modules(path: Path) -> set[str]:

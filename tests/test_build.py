@@ -43,12 +43,27 @@ def test_plain_webdataset_reads_every_field(built):
     for sample in samples:
         assert set(SAMPLE_FIELDS) <= set(sample)
         assert "." not in sample["__key__"]
-        image, mask = sample["jpg"], np.asarray(Image.open(io.BytesIO(_raw(out, sample, "mask.png"))))
+        image, mask = (
+            sample["jpg"],
+            np.asarray(Image.open(io.BytesIO(_raw(out, sample, "mask.png")))),
+        )
         assert image.shape == (512, 512, 3) and mask.shape == (512, 512) and mask.max() <= 18
         meta = sample["json"]
         assert meta["key"] == sample["__key__"]
-        for field in ("source", "original_size", "face", "age", "gender", "identity", "regions",
-                      "models", "config_hash", "embedding", "aligned", "sha256"):  # fmt: skip
+        for field in (
+            "source",
+            "original_size",
+            "face",
+            "age",
+            "gender",
+            "identity",
+            "regions",
+            "models",
+            "config_hash",
+            "embedding",
+            "aligned",
+            "sha256",
+        ):
             assert field in meta, field
         assert len(meta["face"]["box"]) == 4 and len(meta["face"]["landmarks"]) == 5
         assert meta["face"]["count"] >= 1
@@ -139,7 +154,9 @@ def test_failed_shard_leaves_nothing_behind(tmp_path, demo_inputs, lite_config, 
     assert list((tmp_path / "shards").iterdir()) == []
 
 
-def test_model_error_on_one_batch_becomes_stage_error_rows(tmp_path, demo_inputs, lite_config, lite_models):
+def test_model_error_on_one_batch_becomes_stage_error_rows(
+    tmp_path, demo_inputs, lite_config, lite_models
+):
     from fgid.pipeline import prepare_output
 
     plans = prepare_output([str(demo_inputs)], tmp_path, lite_config)
@@ -156,6 +173,8 @@ def test_model_error_on_one_batch_becomes_stage_error_rows(tmp_path, demo_inputs
     stats = process_shard(plans[0], tmp_path, lite_config, models)
     rows = pq.read_table(tmp_path / "shards" / "00000.parquet").to_pylist()
     errors = [r for r in rows if r["reason"] and r["reason"].startswith("stage_error")]
-    assert errors and all("embed: RuntimeError: cannot embed this one" in r["reason"] for r in errors)
+    assert errors and all(
+        "embed: RuntimeError: cannot embed this one" in r["reason"] for r in errors
+    )
     assert stats["reasons"]["stage_error"] == len(errors)
     assert stats["ok"] + stats["rejected"] == len(plans[0].items)

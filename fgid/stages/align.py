@@ -45,7 +45,9 @@ def invert_transform(matrix: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(matrix)
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def align_face(
+    image: np.ndarray, landmarks: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     matrix = align_transform(landmarks, size)
     # Shrinking by more than 2x with bilinear sampling aliases; pre-blur in proportion.
     scale = np.sqrt(abs(np.linalg.det(matrix[:, :2])))
@@ -71,4 +73,6 @@ class AlignStage(Stage):
                 sample.image, sample.face.landmarks, self.config.size
             )
             if sample.face.dense_landmarks is not None:
-                sample.aligned_dense = apply_transform(sample.transform, sample.face.dense_landmarks)
+                sample.aligned_dense = apply_transform(
+                    sample.transform, sample.face.dense_landmarks
+                )

@@ -44,7 +44,9 @@ class Stage:
         try:
             self.process(live)
         except Exception:
-            log.warning("stage %s failed on a batch of %d; retrying one by one", self.name, len(live))
+            log.warning(
+                "stage %s failed on a batch of %d; retrying one by one", self.name, len(live)
+            )
             for sample in live:
                 if not sample.ok:
                     continue

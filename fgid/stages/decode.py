@@ -55,21 +55,31 @@ def decode_image(data: bytes, config: DecodeConfig) -> tuple[np.ndarray, dict]:
         width, height = im.size
         if width * height > config.max_pixels:
             raise Rejected("too_large", f"{width}x{height} > {config.max_pixels} pixels")
-        info = {
-            "format": im.format,
-            "mode": im.mode,
-            "frames": getattr(im, "n_frames", 1),
-            "exif_orientation": int(im.getexif().get(EXIF_ORIENTATION, 1)),
-        }
+        info = {"format": im.format, "mode": im.mode}
         try:
+            # Load before reading EXIF: a PNG's eXIf chunk may follow the pixel data, so
+            # getexif() decodes the image and would raise on a truncated file.
+            info["frames"] = getattr(im, "n_frames", 1)
             im.load()
         except Exception as exc:  # noqa: BLE001
             raise Rejected("truncated", f"{type(exc).__name__}: {exc}") from exc
-    im = ImageOps.exif_transpose(im)  # detection must see the photo upright
+    im = upright(im, info)  # detection must see the photo upright
     rgb = to_rgb(im, info)
     if min(rgb.shape[:2]) < config.min_side:
         raise Rejected("too_small", f"{rgb.shape[1]}x{rgb.shape[0]} < {config.min_side}")
     return rgb, info
+
+
+def upright(im: Image.Image, info: dict) -> Image.Image:
+    """Apply the EXIF orientation. Unreadable EXIF is metadata damage, not a bad photo: the
+    pixels are kept as stored and the orientation recorded as 1."""
+    try:
+        info["exif_orientation"] = int(im.getexif().get(EXIF_ORIENTATION, 1))
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a broken EXIF block can raise anything
+        info["exif_orientation"] = 1
+        info["exif_error"] = True
+        return im
 
 
 def to_rgb(im: Image.Image, info: dict) -> np.ndarray:
@@ -77,7 +87,10 @@ def to_rgb(im: Image.Image, info: dict) -> np.ndarray:
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        # PNG has no 32-bit integer pixels: mode "I" from a PNG (older Pillow) is 16-bit data,
+        # even when a dark image never exceeds 255.
+        sixteen = mode.startswith("I;16") or (mode == "I" and info.get("format") == "PNG")
+        peak = 65535.0 if sixteen or arr.max() > 255 else 255.0
         info["bit_depth"] = 16 if peak > 255 else 8
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.stack([arr] * 3, axis=-1))

@@ -16,9 +16,13 @@ pytestmark = pytest.mark.slow
 
 def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-        cwd=Path(__file__).resolve().parents[2], timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
 
 
 def tar_bytes(out: Path) -> dict[str, bytes]:
@@ -31,7 +35,9 @@ async def flow_run_report(api_url: str, flow_name: str):
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter
 
     async with PrefectClient(api=api_url) as client:
-        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))
+        )
         tasks, artifacts = [], []
         for _ in range(60):  # the server records task runs asynchronously
             tasks = await client.read_task_runs(
@@ -81,7 +87,9 @@ def test_build_flow_on_a_real_server(prefect_server, demo_inputs, tmp_path):
 
 def test_inspect_prints_a_readable_summary(demo_inputs, tmp_path):
     out = tmp_path / "ds"
-    built = run_cli(["build", str(demo_inputs), "--out", str(out), "--models", "lite", "--no-prefect"])
+    built = run_cli(
+        ["build", str(demo_inputs), "--out", str(out), "--models", "lite", "--no-prefect"]
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     shown = run_cli(["inspect", str(out)])
     assert shown.returncode == 0

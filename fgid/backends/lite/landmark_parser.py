@@ -20,7 +20,17 @@ OUTER_LIP, INNER_LIP = slice(48, 60), slice(60, 68)
 
 UNSEEN = frozenset(
     CLASS_ID[name]
-    for name in ("eyeglasses", "l_ear", "r_ear", "earring", "neck", "necklace", "cloth", "hair", "hat")
+    for name in (
+        "eyeglasses",
+        "l_ear",
+        "r_ear",
+        "earring",
+        "neck",
+        "necklace",
+        "cloth",
+        "hair",
+        "hat",
+    )
 )
 
 

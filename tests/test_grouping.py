@@ -1,0 +1,209 @@
+"""Identity grouping: copies of one person join one identity, different people stay apart."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fgid import grouping
+from fgid.finalize import read_index
+from fgid.pipeline import build
+from tests.corpus import make_identity_corpus
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("people")
+    return folder, make_identity_corpus(folder)
+
+
+@pytest.fixture(scope="module")
+def grouped(photos, lite_config, lite_models, tmp_path_factory):
+    folder, people = photos
+    out = tmp_path_factory.mktemp("grouped")
+    summary = build([str(folder)], out, lite_config, models=lite_models)
+    index = {row["key"]: row for row in read_index(out).to_pylist()}
+    identities = pq.read_table(out / "identities.parquet").to_pylist()
+    rows = {Path(index[r["key"]]["source"]).name: r for r in identities}
+    return summary, rows, people, index
+
+
+def identity_of(rows: dict[str, dict], people: dict[str, str], person: str) -> set[str]:
+    return {rows[name]["identity"] for name, who in people.items() if who == person}
+
+
+def test_every_photo_is_kept(grouped):
+    summary, rows, people, _ = grouped
+    assert set(rows) == set(people)
+    assert summary["rejected"] == 0 and summary["shards"]["done"] >= 3
+
+
+def test_copies_of_one_person_share_one_identity(grouped):
+    _, rows, people, _ = grouped
+    for person in set(people.values()):
+        assert len(identity_of(rows, people, person)) == 1, person
+
+
+def test_different_people_get_different_identities(grouped):
+    _, rows, people, _ = grouped
+    persons = sorted(set(people.values()))
+    assert len(persons) == 5
+    ids = [identity_of(rows, people, p).pop() for p in persons]
+    assert len(set(ids)) == len(persons)
+    for name, row in rows.items():
+        assert row["identity"].startswith("cluster-") and row["identity_source"] == "cluster"
+        same = sum(1 for who in people.values() if who == people[name])
+        assert row["identity_size"] == same
+
+
+def test_exact_copy_is_flagged_duplicate(grouped):
+    _, rows, _, _ = grouped
+    assert rows["hopper_9_copy.jpg"]["duplicate_of"] == rows["hopper_0_original.jpg"]["key"]
+    assert rows["hopper_9_copy.jpg"]["near_duplicate_of"] is None
+    flagged = [name for name, row in rows.items() if row["duplicate_of"]]
+    assert flagged == ["hopper_9_copy.jpg"]
+
+
+def test_near_duplicates_point_at_an_earlier_photo_of_the_same_identity(grouped):
+    _, rows, _, index = grouped
+    by_key = {row["key"]: (name, row) for name, row in rows.items()}
+    order = list(index)  # index order is plan order
+    assert any(row["near_duplicate_of"] for row in rows.values())
+    for row in rows.values():
+        target = row["near_duplicate_of"]
+        if target:
+            assert by_key[target][1]["identity"] == row["identity"]
+            assert order.index(target) < order.index(row["key"])
+            gap = np.linalg.norm(
+                np.asarray(index[target]["embedding"]) - np.asarray(index[row["key"]]["embedding"])
+            )
+            assert gap <= grouping.DEFAULTS[128][2] + 1e-6
+
+
+def test_summary_counts_recognizable_identities(grouped):
+    summary, rows, _, _ = grouped
+    distinct = Counter(
+        r["identity"] for r in rows.values() if not r["duplicate_of"] and not r["near_duplicate_of"]
+    )
+    stats = summary["identities"]
+    assert stats["total"] == len(distinct) == 5
+    # Astronaut and Hopper have several distinct photos; each group-photo person has one.
+    assert stats["recognizable"] == sum(1 for n in distinct.values() if n >= 2) == 2
+    assert stats["images_in_recognizable"] == sum(n for n in distinct.values() if n >= 2)
+    assert stats["from_labels"] == 0
+    assert summary["duplicates"]["exact"] == 1
+    assert summary["duplicates"]["near"] == sum(1 for r in rows.values() if r["near_duplicate_of"])
+
+
+def test_labels_file_sets_identities(photos, lite_config, lite_models, tmp_path):
+    folder, _ = photos
+    inputs = tmp_path / "celeba"
+    inputs.mkdir()
+    chosen = {
+        "000001.jpg": ("astronaut_1_flip.jpg", "101"),
+        "000002.jpg": ("hopper_0_original.jpg", "202"),
+        "000003.jpg": ("astronaut_2_bright.jpg", "101"),
+        # Labels win over faces: a different person with label 101 is identity 101.
+        "000004.jpg": ("group_person_a.jpg", "101"),
+        "000005.jpg": ("hopper_1_flip.jpg", None),  # not in the labels file: clustered
+    }
+    lines = []
+    for name, (source, label) in chosen.items():
+        (inputs / name).write_bytes((folder / source).read_bytes())
+        if label:
+            lines.append(f"{name} {label}")
+    labels = tmp_path / "identity_CelebA.txt"
+    labels.write_text("\n".join(lines) + "\n")
+    config = lite_config.model_copy(update={"labels": str(labels)})
+
+    out = tmp_path / "out"
+    summary = build([str(inputs)], out, config, models=lite_models)
+    index = {row["key"]: row for row in read_index(out).to_pylist()}
+    rows = {
+        Path(index[r["key"]]["source"]).name: r
+        for r in pq.read_table(out / "identities.parquet").to_pylist()
+    }
+    assert set(rows) == set(chosen)
+    for name, (_, label) in chosen.items():
+        row = rows[name]
+        if label:
+            assert row["identity"] == f"label-{label}" and row["identity_source"] == "label"
+            assert index[row["key"]]["label"] == label
+        else:
+            assert row["identity"].startswith("cluster-") and row["identity_source"] == "cluster"
+            assert index[row["key"]]["label"] is None
+    assert rows["000001.jpg"]["identity_size"] == 3
+    assert summary["identities"]["from_labels"] == 2
+
+
+# Unit tests of the clustering itself, on synthetic embeddings.
+
+
+def blobs(seed: int = 0) -> np.ndarray:
+    """Three well-separated groups of four 128-d points, interleaved."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 128))
+    centres *= 3.0 / np.linalg.norm(centres, axis=1, keepdims=True)
+    points = centres[np.tile([0, 1, 2], 4)] + rng.normal(scale=0.01, size=(12, 128))
+    return points.astype(np.float32)
+
+
+def test_cluster_is_deterministic_and_numbered_in_order_of_first_use():
+    points = blobs()
+    first = grouping.cluster(points, "euclidean", 0.6)
+    assert np.array_equal(first, grouping.cluster(points.copy(), "euclidean", 0.6))
+    assert first.tolist() == [0, 1, 2] * 4
+
+
+def test_cluster_partition_does_not_depend_on_input_order():
+    points = blobs()
+    order = np.random.default_rng(1).permutation(len(points))
+    shuffled = grouping.cluster(points[order], "euclidean", 0.6)
+    base = grouping.cluster(points, "euclidean", 0.6)
+    # Same groups; numbers follow the first appearance in the new order.
+    assert {frozenset(order[shuffled == c]) for c in set(shuffled)} == {
+        frozenset(np.flatnonzero(base == c)) for c in set(base)
+    }
+    seen = list(dict.fromkeys(shuffled.tolist()))
+    assert seen == list(range(3))
+
+
+def test_cluster_threshold_is_inclusive_and_respected():
+    points = np.array([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]], dtype=np.float32)
+    assert grouping.cluster(points, "euclidean", 0.5).tolist() == [0, 0, 1]
+    assert grouping.cluster(points, "euclidean", 0.49).tolist() == [0, 1, 2]
+    assert grouping.cluster(points, "euclidean", 5.0).tolist() == [0, 0, 0]
+
+
+def test_cluster_compares_with_the_running_centroid():
+    # 0.0 and 1.0 join (threshold 1); their centroid 0.5 is within 1 of 1.4, so 1.4 joins too,
+    # though it is 1.4 from the first point.
+    points = np.array([[0.0], [1.0], [1.4]], dtype=np.float32)
+    assert grouping.cluster(points, "euclidean", 1.0).tolist() == [0, 0, 0]
+
+
+def test_cosine_clustering_ignores_length():
+    points = np.array([[1.0, 0.0], [5.0, 0.1], [0.0, 2.0], [0.1, 9.0]], dtype=np.float32)
+    assert grouping.cluster(points, "cosine", 0.05).tolist() == [0, 0, 1, 1]
+
+
+def test_cluster_of_nothing_is_empty():
+    assert grouping.cluster(np.zeros((0, 128), np.float32), "euclidean", 0.6).tolist() == []
+
+
+def test_near_duplicates_point_at_the_earliest_close_row_of_the_same_identity():
+    points = np.array([[0.0], [0.05], [0.1], [3.0], [0.02]], dtype=np.float32)
+    identities = np.array([0, 0, 0, 1, 2])
+    near = grouping.near_duplicates(points, identities, "euclidean", 0.06)
+    # Row 4 is close to row 0 but belongs to another identity: not a duplicate.
+    assert near.tolist() == [-1, 0, 1, -1, -1]
+
+
+def test_resolve_defaults_by_dimension_and_keeps_explicit_zero():
+    assert grouping.resolve(128, None, None, None) == ("euclidean", 0.6, 0.15)
+    assert grouping.resolve(512, None, None, None) == ("cosine", 0.6, 0.05)
+    assert grouping.resolve(128, "cosine", 0.3, 0.0) == ("cosine", 0.3, 0.0)

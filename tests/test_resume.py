@@ -1,0 +1,145 @@
+"""A build killed with SIGKILL at any moment, then rerun, equals an uninterrupted build."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fgid.schema import SAMPLE_FIELDS
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command(inputs: Path, out: Path, prefect: bool) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "build",
+        str(inputs),
+        "--out",
+        str(out),
+        "--models",
+        "lite",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    return args if prefect else [*args, "--no-prefect"]
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    shards = out / "shards"
+    files = sorted(shards.glob("*.tar")) + sorted(shards.glob("*.parquet"))
+    return {p.name: p.read_bytes() for p in files}
+
+
+class TarWatcher(threading.Thread):
+    """Reads every visible tar over and over while a build runs; a partial tar is an error."""
+
+    def __init__(self, shards: Path) -> None:
+        super().__init__(daemon=True)
+        self.shards, self.stop, self.errors, self.reads = shards, threading.Event(), [], 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for path in sorted(self.shards.glob("*.tar")) if self.shards.exists() else []:
+                try:
+                    with tarfile.open(path) as tar:
+                        names = [m.name for m in tar.getmembers()]
+                        for member in tar.getmembers():
+                            tar.extractfile(member).read()
+                    if len(names) % len(SAMPLE_FIELDS):
+                        self.errors.append(f"{path.name}: {len(names)} members")
+                    self.reads += 1
+                except FileNotFoundError:
+                    pass  # replaced between glob and open
+                except Exception as exc:  # noqa: BLE001
+                    self.errors.append(f"{path.name}: {exc!r}")
+
+
+def stats_count(out: Path) -> int:
+    return len(list((out / "shards").glob("*.stats.json"))) if (out / "shards").exists() else 0
+
+
+def writing_a_shard(out: Path) -> bool:
+    """A shard's tar is open under its temporary name after at least one shard is done."""
+    shards = out / "shards"
+    return shards.exists() and stats_count(out) >= 1 and any(shards.glob(".*.tar.tmp-*"))
+
+
+KILL_POINTS = {
+    # right after planning, while the models load
+    "while-loading-models": lambda out: (out / "build.json").exists(),
+    "mid-shard": writing_a_shard,
+    "after-1-shard": lambda out: stats_count(out) >= 1,
+    "after-3-shards": lambda out: stats_count(out) >= 3,
+}
+
+
+def run_and_kill(cmd: list[str], out: Path, env: dict, kill_when) -> None:
+    """Start the build, SIGKILL it as soon as `kill_when(out)` holds, watching tars meanwhile."""
+    watcher = TarWatcher(out / "shards")
+    watcher.start()
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not kill_when(out):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    watcher.stop.set()
+    watcher.join()
+    assert watcher.errors == []
+    # The kill must land before the build ends, or this test proves nothing.
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def reference(demo_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "ds"
+    subprocess.run(
+        command(demo_inputs, out, prefect=False), cwd=ROOT, check=True, capture_output=True
+    )
+    return outputs(out)
+
+
+@pytest.mark.parametrize("kill_point", sorted(KILL_POINTS))
+def test_sigkill_then_rerun_matches_uninterrupted_build(
+    reference, demo_inputs, tmp_path, kill_point
+):
+    out = tmp_path / "ds"
+    cmd = command(demo_inputs, out, prefect=False)
+    run_and_kill(cmd, out, dict(os.environ), KILL_POINTS[kill_point])
+    finished_before = stats_count(out)
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert outputs(out) == reference
+    assert not [p for p in out.rglob(".*") if p.is_file()], "temporary files left behind"
+    index = pq.read_table(sorted(str(p) for p in (out / "shards").glob("*.parquet")))
+    keys = index.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == len(list(demo_inputs.iterdir()))  # none lost, none twice
+    # Shards finished before the kill were not rebuilt.
+    assert f"5 shards planned, {5 - finished_before} to do" in rerun.stderr
+
+
+def test_sigkill_of_a_prefect_build_resumes(reference, demo_inputs, tmp_path, prefect_server):
+    out = tmp_path / "ds"
+    cmd = command(demo_inputs, out, prefect=True)
+    run_and_kill(cmd, out, prefect_server.env, lambda o: stats_count(o) >= 2)
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=prefect_server.env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert outputs(out) == reference
+    assert "already done" in rerun.stderr + rerun.stdout
