@@ -18,7 +18,7 @@ class StageTiming:
 
     def as_dict(self) -> dict:
         rate = self.images / self.seconds if self.seconds > 0 else None
-        return {"seconds": round(self.seconds, 4), "images": self.images, "images_per_s": rate}
+        return {"seconds": round(self.seconds, 6), "images": self.images, "images_per_s": rate}
 
 
 class Stage:
