@@ -1,13 +1,15 @@
-"""Choose and load a model set by config; one loaded set per process, reused for every shard."""
+"""Choose and load a model set by config; loaded once per concurrent worker, then reused."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 from fgid.config import BuildConfig
 from fgid.protocols import ModelSet
 
-_cache: dict[str, ModelSet] = {}
+_idle: dict[str, list[ModelSet]] = {}
 _lock = threading.Lock()
 
 
@@ -22,10 +24,26 @@ def load_model_set(config: BuildConfig) -> ModelSet:
     return full.load(config)
 
 
-def cached_model_set(config: BuildConfig) -> ModelSet:
-    """The process-wide model set for this config (loaded on first use)."""
-    key = config.models.model_dump_json() + config.detect.model_dump_json()
+def _key(config: BuildConfig) -> str:
+    return config.models.model_dump_json() + config.detect.model_dump_json()
+
+
+@contextlib.contextmanager
+def leased_model_set(config: BuildConfig) -> Iterator[ModelSet]:
+    """Borrow an idle model set for this config, loading one only if none is idle.
+
+    Model objects keep per-call state (dlib's DNN holds its layer outputs, torch modules their
+    buffers), so two shards built side by side must not share one; a lease gives each concurrent
+    worker its own, and returning it lets the next shard (or the next flow run in the same
+    process) reuse it instead of loading again."""
+    key = _key(config)
     with _lock:
-        if key not in _cache:
-            _cache[key] = load_model_set(config)
-        return _cache[key]
+        idle = _idle.setdefault(key, [])
+        models = idle.pop() if idle else None
+    if models is None:
+        models = load_model_set(config)
+    try:
+        yield models
+    finally:
+        with _lock:
+            _idle[key].append(models)

@@ -5,6 +5,7 @@ Prefect (flows/build.py) wires the same three functions into tasks; nothing here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -179,13 +180,14 @@ def build(
 ) -> dict:
     """The whole build without Prefect: same plan, same shards, same finalize."""
     from fgid.finalize import finalize
-    from fgid.models import cached_model_set
+    from fgid.models import leased_model_set
 
     plans = prepare_output(inputs, out_dir, config)
     todo = [p for p in plans if not shard_done(out_dir, p.shard_id)]
     log.info("%d shards planned, %d to do", len(plans), len(todo))
-    if todo:
-        models = models or cached_model_set(config)
-    for plan in todo:
-        progress.shard_finished(process_shard(plan, out_dir, config, models))
+    with contextlib.ExitStack() as stack:
+        if todo and models is None:
+            models = stack.enter_context(leased_model_set(config))
+        for plan in todo:
+            progress.shard_finished(process_shard(plan, out_dir, config, models))
     return finalize(out_dir, config)

@@ -17,7 +17,7 @@ from fgid import progress
 from fgid.config import BuildConfig
 from fgid.finalize import finalize
 from fgid.inputs import ShardPlan
-from fgid.models import cached_model_set
+from fgid.models import leased_model_set
 from fgid.pipeline import prepare_output, process_shard, shard_done, shard_stats
 from fgid.report import summary_markdown, summary_table
 
@@ -29,7 +29,8 @@ def build_shard(plan: ShardPlan, out_dir: str, config: BuildConfig) -> dict:
     if shard_done(out_dir, plan.shard_id):
         logger.info("shard %05d already done", plan.shard_id)
         return shard_stats(out_dir, plan.shard_id)
-    stats = process_shard(plan, out_dir, config, cached_model_set(config))
+    with leased_model_set(config) as models:
+        stats = process_shard(plan, out_dir, config, models)
     logger.info(
         "shard %05d: %d inputs, %d ok, %d rejected %s in %.1fs",
         plan.shard_id,

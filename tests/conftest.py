@@ -25,9 +25,9 @@ def lite_config():
 
 @pytest.fixture(scope="session")
 def lite_models(lite_config):
-    from fgid.models import cached_model_set
+    from fgid.models import load_model_set
 
-    return cached_model_set(lite_config)
+    return load_model_set(lite_config)
 
 
 def _cuda_available() -> bool:
