@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import storage
 from fgid import grouping
 from fgid.config import BuildConfig
-from fgid.inputs import plans_from_table
+from fgid.inputs import read_plan
 from fgid.schema import IDENTITY_SCHEMA, INDEX_SCHEMA, REGIONS, reason_code
-from storage.atomic import atomic_open, atomic_write_text
 
 AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 
 
-def read_index(out_dir: str | Path) -> pa.Table:
-    files = sorted((Path(out_dir) / "shards").glob("[0-9]*.parquet"))
+def read_index(out_dir: str) -> pa.Table:
+    """Every shard's index rows, in shard order."""
+    files = storage.list_files(storage.join(str(out_dir), "shards"), "[0-9]*.parquet")
     if not files:
         return INDEX_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=INDEX_SCHEMA) for f in files])
+    tables = []
+    for url in files:
+        with storage.open_input(url) as handle:
+            tables.append(pq.read_table(handle, schema=INDEX_SCHEMA))
+    return pa.concat_tables(tables)
 
 
 def assign_identities(ok: list[dict], config: BuildConfig) -> list[dict]:
@@ -76,14 +80,15 @@ def age_histogram(ages: list[float]) -> dict[str, int]:
     return dict(zip(labels, (int(c) for c in counts), strict=True))
 
 
-def summarize(index: pa.Table, identities: list[dict], out_dir: Path, config: BuildConfig) -> dict:
+def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: BuildConfig) -> dict:
+
     rows = index.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
-    plan = plans_from_table(pq.read_table(out_dir / "plan.parquet"))
-    done = sorted(int(p.name.split(".")[0]) for p in (out_dir / "shards").glob("*.stats.json"))
+    plan = read_plan(out_dir)
+    done = storage.list_files(storage.join(out_dir, "shards"), "*.stats.json")
     stage_totals: dict[str, list[float]] = {}
-    for shard in done:
-        stats = json.loads((out_dir / "shards" / f"{shard:05d}.stats.json").read_text())
+    for url in done:
+        stats = json.loads(storage.read_text(url))
         for name, t in stats["stages"].items():
             acc = stage_totals.setdefault(name, [0.0, 0])
             acc[0] += t["seconds"]
@@ -138,13 +143,15 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: Path, config: Bu
     }
 
 
-def finalize(out_dir: str | Path, config: BuildConfig) -> dict:
-    out = Path(out_dir)
+def finalize(out_dir: str, config: BuildConfig) -> dict:
+    out = str(out_dir)
     index = read_index(out)
     ok = index.filter(pa.compute.equal(index["status"], "ok")).to_pylist()
     identities = assign_identities(ok, config)
-    with atomic_open(out / "identities.parquet") as handle:
+    with storage.atomic_open(storage.join(out, "identities.parquet")) as handle:
         pq.write_table(pa.Table.from_pylist(identities, schema=IDENTITY_SCHEMA), handle)
     summary = summarize(index, identities, out, config)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    storage.atomic_write_text(
+        storage.join(out, "summary.json"), json.dumps(summary, indent=2, sort_keys=True)
+    )
     return summary

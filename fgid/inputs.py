@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+import storage
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".jpe"}
 )
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
+PLAN_FILE = "plan.parquet"
 PLAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("key", pa.string()), ("source", pa.string()), ("label", pa.string())]
 )
@@ -124,3 +128,13 @@ def plans_from_table(table: pa.Table) -> list[ShardPlan]:
             InputItem(row["key"], row["source"], row["label"])
         )
     return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]
+
+
+def write_plan(out_dir: str, plans: list[ShardPlan]) -> None:
+    with storage.atomic_open(storage.join(out_dir, PLAN_FILE)) as handle:
+        pq.write_table(plan_table(plans), handle)
+
+
+def read_plan(out_dir: str) -> list[ShardPlan]:
+    with storage.open_input(storage.join(str(out_dir), PLAN_FILE)) as handle:
+        return plans_from_table(pq.read_table(handle))

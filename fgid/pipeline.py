@@ -11,13 +11,11 @@ import logging
 import time
 from collections import Counter
 from importlib.metadata import version
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
+import storage
 from fgid import progress
 from fgid.config import BuildConfig
-from fgid.inputs import ShardPlan, plan_shards, plan_table, plans_from_table
+from fgid.inputs import ShardPlan, plan_shards, read_plan, write_plan
 from fgid.protocols import ModelSet
 from fgid.sample import Sample
 from fgid.schema import FORMAT_VERSION, reason_code
@@ -29,11 +27,9 @@ from fgid.stages.detect import DetectStage
 from fgid.stages.identity import AttributeStage, EmbedStage
 from fgid.stages.parse import ParseStage, regions_unseen
 from fgid.writer import ShardWriter, encode_sample, shard_paths
-from storage.atomic import atomic_open, atomic_write_text, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.parquet"
 BUILD_FILE = "build.json"
 
 
@@ -53,45 +49,44 @@ def build_stages(config: BuildConfig, models: ModelSet) -> list[Stage]:
     ]
 
 
-def prepare_output(inputs: list[str], out_dir: str | Path, config: BuildConfig) -> list[ShardPlan]:
+def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list[ShardPlan]:
     """Plan the shards and record the plan, or check a rerun against the recorded one."""
-    out = Path(out_dir)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out / "shards")
-    remove_stale_tmp(out)
+    out = str(out_dir)
+    storage.makedirs(storage.join(out, "shards"))
+    storage.remove_stale_tmp(storage.join(out, "shards"))
+    storage.remove_stale_tmp(out)
     plans = plan_shards(inputs, config.shard_size, config.labels)
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
         "format_version": FORMAT_VERSION,
     }
-    plan_path, build_path = out / PLAN_FILE, out / BUILD_FILE
-    if build_path.exists():
-        previous = json.loads(build_path.read_text())
+    build_path = storage.join(out, BUILD_FILE)
+    if storage.exists(build_path):
+        previous = json.loads(storage.read_text(build_path))
         if previous["config_hash"] != build_info["config_hash"]:
             raise OutputMismatch(
                 f"{out} was built with another configuration (hash {previous['config_hash']}, "
                 f"now {build_info['config_hash']}); use a new --out or the same settings"
             )
-        recorded = plans_from_table(pq.read_table(plan_path))
+        recorded = read_plan(out)
         if recorded != plans:
             raise OutputMismatch(
                 f"{out} was planned from other inputs ({sum(len(p.items) for p in recorded)} "
                 f"files then, {sum(len(p.items) for p in plans)} now); use a new --out"
             )
         return plans
-    with atomic_open(plan_path) as handle:
-        pq.write_table(plan_table(plans), handle)
-    atomic_write_text(build_path, json.dumps(build_info, indent=2, sort_keys=True))
+    write_plan(out, plans)
+    storage.atomic_write_text(build_path, json.dumps(build_info, indent=2, sort_keys=True))
     return plans
 
 
-def shard_done(out_dir: str | Path, shard_id: int) -> bool:
-    return shard_paths(Path(out_dir), shard_id)["stats"].exists()
+def shard_done(out_dir: str, shard_id: int) -> bool:
+    return storage.exists(shard_paths(str(out_dir), shard_id)["stats"])
 
 
-def shard_stats(out_dir: str | Path, shard_id: int) -> dict:
-    return json.loads(shard_paths(Path(out_dir), shard_id)["stats"].read_text())
+def shard_stats(out_dir: str, shard_id: int) -> dict:
+    return json.loads(storage.read_text(shard_paths(str(out_dir), shard_id)["stats"]))
 
 
 def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: list[str]) -> dict:
@@ -125,14 +120,12 @@ def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: l
     }
 
 
-def process_shard(
-    plan: ShardPlan, out_dir: str | Path, config: BuildConfig, models: ModelSet
-) -> dict:
+def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: ModelSet) -> dict:
     """Run every input of one shard through the stages and commit the shard. Returns its stats."""
     started = time.perf_counter()
     stages = build_stages(config, models)
     unseen = regions_unseen(models.parser)
-    writer = ShardWriter(Path(out_dir), plan.shard_id)
+    writer = ShardWriter(str(out_dir), plan.shard_id)
     try:
         for start in range(0, len(plan.items), config.batch_size):
             chunk = plan.items[start : start + config.batch_size]
@@ -176,7 +169,7 @@ def process_shard(
 
 
 def build(
-    inputs: list[str], out_dir: str | Path, config: BuildConfig, models: ModelSet | None = None
+    inputs: list[str], out_dir: str, config: BuildConfig, models: ModelSet | None = None
 ) -> dict:
     """The whole build without Prefect: same plan, same shards, same finalize."""
     from fgid.finalize import finalize

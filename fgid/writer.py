@@ -12,25 +12,21 @@ import io
 import json
 import tarfile
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import storage
 from fgid.sample import Sample
 from fgid.schema import INDEX_SCHEMA, shard_name
-from storage.atomic import atomic_open, atomic_write_text
 
 
-def shard_paths(out_dir: Path, shard_id: int) -> dict[str, Path]:
-    base = Path(out_dir) / "shards" / shard_name(shard_id)
-    return {
-        "tar": base.with_suffix(".tar"),
-        "index": base.with_suffix(".parquet"),
-        "stats": base.with_suffix(".stats.json"),
-    }
+def shard_paths(out_dir: str, shard_id: int) -> dict[str, str]:
+    """Where shard `shard_id` lives under `out_dir` (a local path or a URL)."""
+    base = storage.join(out_dir, "shards", shard_name(shard_id))
+    return {"tar": f"{base}.tar", "index": f"{base}.parquet", "stats": f"{base}.stats.json"}
 
 
 def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, bytes]:
@@ -79,9 +75,9 @@ def index_row(sample: Sample) -> dict:
 class ShardWriter:
     """Streams samples into `shards/NNNNN.tar`; `commit` writes the index and stats."""
 
-    def __init__(self, out_dir: Path, shard_id: int) -> None:
+    def __init__(self, out_dir: str, shard_id: int) -> None:
         self.paths = shard_paths(out_dir, shard_id)
-        self._tar_cm = atomic_open(self.paths["tar"])
+        self._tar_cm = storage.atomic_open(self.paths["tar"])
         self._handle = self._tar_cm.__enter__()
         # Closed in commit()/abort(): the shard stays open while its batches stream in.
         self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
@@ -105,9 +101,9 @@ class ShardWriter:
         self._tar.close()
         self._tar_cm.__exit__(None, None, None)
         table = pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA)
-        with atomic_open(self.paths["index"]) as handle:
+        with storage.atomic_open(self.paths["index"]) as handle:
             pq.write_table(table, handle, compression="zstd")
-        atomic_write_text(self.paths["stats"], json.dumps(stats, indent=2, sort_keys=True))
+        storage.atomic_write_text(self.paths["stats"], json.dumps(stats, indent=2, sort_keys=True))
 
     def abort(self) -> None:
         """Drop the partial tar (its temporary file), leaving any finished files untouched."""

@@ -6,13 +6,12 @@ the same way without Prefect.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
+import storage
 from fgid import progress
 from fgid.config import BuildConfig
 from fgid.finalize import finalize
@@ -47,7 +46,7 @@ def build_shard(plan: ShardPlan, out_dir: str, config: BuildConfig) -> dict:
 @task(cache_policy=NO_CACHE)
 def finalize_build(out_dir: str, config: BuildConfig) -> dict:
     summary = finalize(out_dir, config)
-    name = Path(out_dir).name.lower().replace("_", "-")
+    name = storage.name(out_dir).lower().replace("_", "-")
     create_markdown_artifact(
         summary_markdown(summary, out_dir),
         key=f"fgid-summary-{name}"[:100],
@@ -67,7 +66,7 @@ def _run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"build-{Path(params['out']).name}-{params['config'].models.set}"
+    return f"build-{storage.name(params['out'])}-{params['config'].models.set}"
 
 
 @flow(name="fgid-build", flow_run_name=_run_name, log_prints=False)
@@ -89,7 +88,9 @@ def build(inputs: list[str], out: str, config: BuildConfig | None = None) -> dic
     ]
     wait(futures)
     failed = [f for f in futures if f.state.is_failed()]
-    summary = finalize_build.with_options(task_run_name=f"finalize-{Path(out).name}")(out, config)
+    summary = finalize_build.with_options(task_run_name=f"finalize-{storage.name(out)}")(
+        out, config
+    )
     if failed:
         raise RuntimeError(f"{len(failed)} shard(s) failed after retries; rerun to resume")
     return summary

@@ -143,18 +143,20 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 @app.command()
 def inspect(
-    dataset: Annotated[Path, typer.Argument(help="A folder written by 'fgid build'.")],
+    dataset: Annotated[str, typer.Argument(help="A folder or URL written by 'fgid build'.")],
     samples: Annotated[int, typer.Option(help="Show this many samples with their captions.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json as is.")] = False,
 ) -> None:
     """Summarize a built dataset: counts, identities, rejections, age and gender, samples."""
-    summary_path = dataset / "summary.json"
-    if not summary_path.is_file():
+    import storage
+
+    summary_path = storage.join(dataset, "summary.json")
+    if not storage.exists(summary_path):
         console.print(
             f"[red]{escape(str(dataset))} has no summary.json: not a finished fgid build[/]"
         )
         raise typer.Exit(2)
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(storage.read_text(summary_path))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -168,10 +170,12 @@ def inspect(
         _print_samples(dataset, samples, out)
 
 
-def _print_samples(dataset: Path, count: int, out: Console) -> None:
+def _print_samples(dataset: str, count: int, out: Console) -> None:
     import webdataset as wds
 
-    shards = sorted(str(p) for p in (dataset / "shards").glob("[0-9]*.tar"))
+    import storage
+
+    shards = storage.list_files(storage.join(dataset, "shards"), "[0-9]*.tar")
     if not shards:
         return
     reader = wds.WebDataset(shards, shardshuffle=False, empty_check=False)

@@ -1,5 +1,22 @@
-"""Where bytes live: atomic local writes now; the same calls take fsspec URLs later."""
+"""Where bytes live: local paths and fsspec URLs (s3://...) behind the same calls."""
 
-from storage.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from storage.atomic import atomic_open, atomic_write_bytes, atomic_write_text, remove_stale_tmp
+from storage.files import (
+    exists,
+    filesystem,
+    is_remote,
+    join,
+    list_files,
+    makedirs,
+    name,
+    open_input,
+    read_bytes,
+    read_text,
+    remove,
+)
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_open", "atomic_write_bytes", "atomic_write_text", "exists", "filesystem", "is_remote",
+    "join", "list_files", "makedirs", "name", "open_input", "read_bytes", "read_text", "remove",
+    "remove_stale_tmp",
+]  # fmt: skip

@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 class PrefectServer:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -29,6 +29,7 @@ class PrefectServer:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "DO_NOT_TRACK": "1",
+            **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None
 

@@ -1,0 +1,97 @@
+"""Local paths and fsspec URLs (s3://bucket/key, memory://...) behind one small set of calls.
+
+Local paths stay plain paths (no file://) so users and error messages see what they typed.
+Remote file systems are built by fsspec from the URL; credentials come from the environment
+(storage.credentials), never from call arguments, so they never reach flow parameters or logs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+import posixpath
+from pathlib import Path
+
+import fsspec
+from fsspec.core import split_protocol
+
+
+def is_remote(url: str | Path) -> bool:
+    protocol, _ = split_protocol(str(url))
+    return protocol not in (None, "file", "local")
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(str(base).rstrip("/"), *parts)
+    return str(Path(base, *parts))
+
+
+def name(url: str | Path) -> str:
+    """The last path component: 'ds' for s3://bucket/ds/ and for /data/ds."""
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(file system, path inside it) for a local path or a URL."""
+    from storage.credentials import storage_options
+
+    url = str(url)
+    if not is_remote(url):
+        return fsspec.filesystem("file"), os.path.abspath(url)
+    protocol, _ = split_protocol(url)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol))
+    return fs, path
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    if not is_remote(like):
+        return path
+    protocol = split_protocol(like)[0]
+    return f"{protocol}://{path}"
+
+
+def exists(url: str | Path) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str | Path) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def read_text(url: str | Path) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def open_input(url: str | Path) -> io.BufferedIOBase:
+    """Open for reading (pyarrow and webdataset take file objects)."""
+    fs, path = filesystem(url)
+    return fs.open(path, "rb")
+
+
+def makedirs(url: str | Path) -> None:
+    """Create a local folder; object stores have no folders, so nothing to do there."""
+    if not is_remote(url):
+        Path(url).mkdir(parents=True, exist_ok=True)
+
+
+def list_files(folder: str | Path, pattern: str = "*") -> list[str]:
+    """Files directly in `folder` whose name matches `pattern` (hidden ones excluded), sorted."""
+    fs, path = filesystem(folder)
+    if not fs.exists(path):
+        return []
+    found = []
+    for entry in fs.ls(path, detail=True):
+        base = posixpath.basename(entry["name"].rstrip("/"))
+        if entry["type"] == "file" and not base.startswith(".") and fnmatch.fnmatch(base, pattern):
+            found.append(_url(fs, entry["name"], str(folder)))
+    return sorted(found)
+
+
+def remove(url: str | Path) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm_file(path)
