@@ -4,9 +4,14 @@ UV := $(PY) -m uv
 
 .PHONY: setup demo test test-fast lint format bench clean
 
+# Debian's chromium drives the Prefect UI test; without root or apt it warns and that test skips.
 setup:
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
 	$(UV) sync --frozen --extra dev
+	@[ -x "$${FGID_CHROMIUM:-/usr/bin/chromium}" ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "warning: no chromium (needs root and apt-get); tests/flows/test_ui.py will skip"
 
 # A real build of real photos (from installed packages) with the lite models on a local Prefect server.
 demo: setup

@@ -50,8 +50,11 @@ def assign_identities(ok: list[dict], config: BuildConfig) -> list[dict]:
     unlabelled = [i for i, name in enumerate(names) if name is None]
     if unlabelled:
         clusters = grouping.cluster(emb[unlabelled], metric, threshold)
+        # Named after the first member's key, not a running number: the name stays the same
+        # when other identities are removed (takedowns) or added, and it never collides.
+        first_key: dict[int, str] = {}
         for i, c in zip(unlabelled, clusters, strict=True):
-            names[i] = f"cluster-{c:06d}"
+            names[i] = f"cluster-{first_key.setdefault(int(c), ok[i]['key'])}"
     codes = {name: n for n, name in enumerate(dict.fromkeys(names))}
     near_of = grouping.near_duplicates(emb, np.asarray([codes[n] for n in names]), metric, near)
     sizes = Counter(names)

@@ -1,14 +1,16 @@
 """Turn folders, files and list files into a deterministic plan of shards.
 
-Keys are a hash of the absolute source path, so they carry no dots, survive reordering and are
-the same on every rerun. The plan is written once per output folder; a rerun must see the same
-plan, so that finished shards stay valid.
+Inputs may be local paths or object-store URLs (s3://bucket/prefix); a URL source stays a URL.
+Keys are a hash of the absolute source path or URL, so they carry no dots, survive reordering
+and are the same on every rerun. The plan is written once per output folder; a rerun must see
+the same plan, so that finished shards stay valid.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,45 +47,79 @@ def sample_key(source: str) -> str:
     return hashlib.sha1(source.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
+def _is_image(name: str) -> bool:
+    # Hidden files are editor/OS litter (.DS_Store, ._foo.jpg), not photos.
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
 def _walk_images(folder: Path) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs.sort()
-        for name in sorted(files):
-            # Hidden files are editor/OS litter (.DS_Store, ._foo.jpg), not photos.
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(os.path.join(root, name))
+        found.extend(os.path.join(root, name) for name in sorted(files) if _is_image(name))
     return found
 
 
-def _read_list(path: Path) -> list[str]:
-    base = path.parent
+def _resolve(line: str, base: str) -> str:
+    """A list entry: a URL or absolute path as is, anything else relative to the list."""
+    if storage.is_remote(line) or os.path.isabs(line):
+        return line
+    if storage.is_remote(base):
+        protocol, rest = storage.join(base, line).split("://", 1)
+        return f"{protocol}://{posixpath.normpath(rest)}"  # as abspath does for local lists
+    return str(Path(base) / line)
+
+
+def _read_list(path: str) -> list[str]:
+    base = posixpath.dirname(path) if storage.is_remote(path) else str(Path(path).parent)
     sources = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_text(path).splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            sources.append(line if os.path.isabs(line) else str(base / line))
+            sources.append(_resolve(line, base))
     return sources
 
 
-def collect_sources(inputs: list[str]) -> list[str]:
-    """Expand inputs into absolute source paths, sorted and without repeats.
+def _is_list(path: str) -> bool:
+    return Path(storage.name(path)).suffix.lower() in LIST_SUFFIXES
 
-    A folder contributes every image-suffixed file below it; a .txt/.lst file is a list of
-    paths (one per line, relative to the list); any other path is taken as one image, even if it
-    does not exist (it then becomes an `unreadable` row, not a crash)."""
+
+def _collect_remote(url: str) -> list[str]:
+    """An object-store URL: a prefix holding objects, a list object, or one image object."""
+    url = url.rstrip("/")
+    fs, path = storage.filesystem(url)
+    if fs.isfile(path):
+        return _read_list(url) if _is_list(url) else [url]
+    if fs.isdir(path):
+        return [u for u in storage.walk_files(url) if _is_image(storage.name(u))]
+    parent = posixpath.dirname(path)
+    if not parent or not fs.exists(parent):
+        raise FileNotFoundError(f"input not found: {url}")
+    return [url]  # a missing object in an existing bucket: an `unreadable` row, as locally
+
+
+def collect_sources(inputs: list[str]) -> list[str]:
+    """Expand inputs into absolute source paths and URLs, sorted and without repeats.
+
+    A folder (or an s3:// prefix) contributes every image-suffixed file below it; a .txt/.lst
+    file is a list of paths or URLs (one per line, relative to the list); any other path is taken
+    as one image, even if it does not exist (it then becomes an `unreadable` row, not a crash)."""
     sources: set[str] = set()
     for raw in inputs:
+        raw = str(raw)
+        if storage.is_remote(raw):
+            sources.update(_collect_remote(raw))
+            continue
         path = Path(raw)
         if path.is_dir():
             sources.update(_walk_images(path))
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            sources.update(_read_list(path))
+            sources.update(_read_list(str(path)))
         elif not path.exists() and not path.is_symlink() and not path.parent.exists():
             raise FileNotFoundError(f"input not found: {raw}")
         else:
             sources.add(str(path))
-    return sorted(os.path.abspath(s) for s in sources)
+    return sorted(s if storage.is_remote(s) else os.path.abspath(s) for s in sources)
 
 
 def read_labels(path: str | None) -> dict[str, str]:
@@ -91,7 +127,7 @@ def read_labels(path: str | None) -> dict[str, str]:
     if not path:
         return {}
     labels = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -106,7 +142,7 @@ def plan_shards(
 ) -> list[ShardPlan]:
     labels = read_labels(labels_file)
     sources = collect_sources(inputs)
-    items = [InputItem(sample_key(s), s, labels.get(os.path.basename(s))) for s in sources]
+    items = [InputItem(sample_key(s), s, labels.get(storage.name(s))) for s in sources]
     return [
         ShardPlan(i // shard_size, tuple(items[i : i + shard_size]))
         for i in range(0, len(items), shard_size)

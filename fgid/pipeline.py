@@ -17,8 +17,10 @@ from fgid import progress
 from fgid.config import BuildConfig
 from fgid.inputs import ShardPlan, plan_shards, read_plan, write_plan
 from fgid.protocols import ModelSet
+from fgid.removal import without_removed
 from fgid.sample import Sample
 from fgid.schema import FORMAT_VERSION, reason_code
+from fgid.stages import STAGE_ORDER
 from fgid.stages.align import AlignStage
 from fgid.stages.base import Stage
 from fgid.stages.caption import CaptionStage
@@ -38,15 +40,16 @@ class OutputMismatch(RuntimeError):
 
 
 def build_stages(config: BuildConfig, models: ModelSet) -> list[Stage]:
-    return [
-        DecodeStage(config.decode),
-        DetectStage(models.detector, config.detect),
-        AlignStage(config.align),
-        ParseStage(models.parser),
-        EmbedStage(models.embedder),
-        AttributeStage(models.attributes),
-        CaptionStage(models.captioner),
-    ]
+    args = {
+        DecodeStage: (config.decode,),
+        DetectStage: (models.detector, config.detect),
+        AlignStage: (config.align,),
+        ParseStage: (models.parser,),
+        EmbedStage: (models.embedder,),
+        AttributeStage: (models.attributes,),
+        CaptionStage: (models.captioner,),
+    }
+    return [stage(*args[stage]) for stage in STAGE_ORDER]
 
 
 def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list[ShardPlan]:
@@ -55,7 +58,9 @@ def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list
     storage.makedirs(storage.join(out, "shards"))
     storage.remove_stale_tmp(storage.join(out, "shards"))
     storage.remove_stale_tmp(out)
-    plans = plan_shards(inputs, config.shard_size, config.labels)
+    # Samples taken down by fgid.removal stay out of the plan, so a rerun neither rebuilds nor
+    # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
+    plans = without_removed(plan_shards(inputs, config.shard_size, config.labels), out)
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
@@ -172,6 +177,7 @@ def build(
     inputs: list[str], out_dir: str, config: BuildConfig, models: ModelSet | None = None
 ) -> dict:
     """The whole build without Prefect: same plan, same shards, same finalize."""
+    from fgid.card import write_card
     from fgid.finalize import finalize
     from fgid.models import leased_model_set
 
@@ -183,4 +189,6 @@ def build(
             models = stack.enter_context(leased_model_set(config))
         for plan in todo:
             progress.shard_finished(process_shard(plan, out_dir, config, models))
-    return finalize(out_dir, config)
+    summary = finalize(out_dir, config)
+    write_card(out_dir, summary)
+    return summary

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from fgid.stages import STAGES
+
+
+def in_pipeline_order(names) -> list[str]:
+    """Stage names in pipeline order; names this module does not know go last, sorted."""
+    known = [n for n in STAGES if n in names]
+    return known + sorted(set(names) - set(known))
+
 
 def summary_table(summary: dict) -> list[dict]:
     ids = summary["identities"]
@@ -19,7 +27,7 @@ def summary_table(summary: dict) -> list[dict]:
     return [{"metric": k, "value": str(v)} for k, v in rows]
 
 
-def _md_table(header: tuple[str, str], items: list[tuple[object, object]]) -> str:
+def md_table(header: tuple[str, str], items: list[tuple[object, object]]) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in items]
     return "\n".join(lines)
@@ -29,25 +37,26 @@ def summary_markdown(summary: dict, out_dir: str) -> str:
     parts = [
         f"# FGID build: `{out_dir}`",
         "" if summary["complete"] else "**Incomplete: some shards are not done; rerun to resume.**",
-        _md_table(("metric", "value"), [(r["metric"], r["value"]) for r in summary_table(summary)]),
+        md_table(("metric", "value"), [(r["metric"], r["value"]) for r in summary_table(summary)]),
         "## Rejection reasons",
-        _md_table(
-            ("reason", "inputs"), list(summary["rejection_reasons"].items()) or [("none", 0)]
-        ),
+        md_table(("reason", "inputs"), list(summary["rejection_reasons"].items()) or [("none", 0)]),
         "## Age (estimated)",
-        _md_table(("years", "samples"), list(summary["age"]["histogram"].items())),
+        md_table(("years", "samples"), list(summary["age"]["histogram"].items())),
         "## Gender (estimated)",
-        _md_table(("gender", "samples"), list(summary["gender"].items())),
+        md_table(("gender", "samples"), list(summary["gender"].items())),
         "## Facial regions present",
-        _md_table(("region", "samples"), list(summary["regions_present"].items())),
+        md_table(("region", "samples"), list(summary["regions_present"].items())),
         "## Images per identity",
-        _md_table(
+        md_table(
             ("images", "identities"), list(summary["identities"]["images_per_identity"].items())
         ),
         "## Stage throughput",
-        _md_table(
+        md_table(
             ("stage", "images/s"),
-            [(k, v["images_per_s"]) for k, v in summary["stage_throughput"].items()],
+            [
+                (k, summary["stage_throughput"][k]["images_per_s"])
+                for k in in_pipeline_order(summary["stage_throughput"])
+            ],
         ),
     ]
     return "\n\n".join(p for p in parts if p)

@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# soft_wrap: long paths in messages stay on one line (users grep them, tests read them).
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -37,64 +38,95 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
-@app.command()
-def build(
-    inputs: Annotated[
-        list[str], typer.Argument(help="Image folders, image files, or .txt lists of paths.")
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (created; rerun to resume).")
-    ],
-    models: Annotated[
-        str | None,
-        typer.Option(
-            help="Model set: 'full' (InsightFace, BiSeNet, LLaVA; the default) "
-            "or 'lite' (CPU, offline)."
-        ),
-    ] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Inputs per shard; default 1000.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per model call; default 16.")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Shards built at once; default 1.")] = None,
-    labels: Annotated[
-        Path | None,
-        typer.Option(help="Identity labels, '<file name> <identity>' lines (CelebA format)."),
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML config; flags and --set override it.")
-    ] = None,
-    set_: Annotated[
-        list[str], typer.Option("--set", help="Override any setting: --set detect.min_face_size=64")
-    ] = [],  # noqa: B006 - typer needs a list default
-    prefect: Annotated[
-        bool, typer.Option(help="Run as a Prefect flow (a temporary local server if none is set).")
-    ] = True,
-) -> None:
-    """Build an FGID dataset: decode, detect, align, parse, embed, caption, group, write shards."""
+# Options shared by `build` and `serve`: what to build and with which settings.
+InputsArg = Annotated[
+    list[str], typer.Argument(help="Image folders, image files, or .txt lists of paths (or s3://).")
+]
+ModelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Model set: 'full' (InsightFace, BiSeNet, LLaVA; the default) "
+        "or 'lite' (CPU, offline)."
+    ),
+]
+ShardSizeOpt = Annotated[int | None, typer.Option(help="Inputs per shard; default 1000.")]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="Images per model call; default 16.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Shards built at once; default 1.")]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(help="Identity labels, '<file name> <identity>' lines (CelebA format)."),
+]
+ConfigOpt = Annotated[Path | None, typer.Option(help="YAML config; flags and --set override it.")]
+SetOpt = Annotated[
+    list[str], typer.Option("--set", help="Override any setting: --set detect.min_face_size=64")
+]
+
+
+def _build_config(config, set_, **flags):
+    """YAML (if any), then --set overrides, then the explicit flags, validated."""
     from fgid.config import BuildConfig
 
     cfg = BuildConfig.from_yaml(config) if config else BuildConfig()
     overrides = _parse_overrides(set_)
-    flags = {
-        "models.set": models,
-        "shard_size": shard_size,
-        "batch_size": batch_size,
-        "workers": workers,
-        "labels": str(labels) if labels else None,
-    }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    cfg = cfg.with_overrides(**overrides)
-    summary = _run_build(inputs, out, cfg, prefect)
+    names = {"models": "models.set"}
+    overrides.update({names.get(k, k): v for k, v in flags.items() if v is not None})
+    return cfg.with_overrides(**overrides)
+
+
+@app.command()
+def build(
+    inputs: InputsArg,
+    out: Annotated[
+        str,
+        typer.Option("--out", "-o", help="Output folder or s3:// URL (created; rerun to resume)."),
+    ],
+    models: ModelsOpt = None,
+    shard_size: ShardSizeOpt = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    labels: LabelsOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
+    prefect: Annotated[
+        bool, typer.Option(help="Run as a Prefect flow (a temporary local server if none is set).")
+    ] = True,
+    runner: Annotated[
+        str,
+        typer.Option(help="Where shards run: 'threads' (this process) or 'dask' (a cluster)."),
+    ] = "threads",
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Scheduler of an existing Dask cluster, tcp://HOST:PORT (implies dask)."),
+    ] = None,
+) -> None:
+    """Build an FGID dataset: decode, detect, align, parse, embed, caption, group, write shards."""
+    cfg = _build_config(config, set_, models=models, shard_size=shard_size,
+                        batch_size=batch_size, workers=workers, labels=labels)  # fmt: skip
+    kind = "dask" if dask_address else runner
+    if kind != "threads" and not prefect:
+        raise typer.BadParameter("--runner dask needs the Prefect flow (drop --no-prefect)")
+    summary = _run_build(inputs, out, cfg, prefect, kind, dask_address)
     _print_summary(summary, out)
     if not summary["complete"]:
         raise typer.Exit(1)
 
 
-def _run_build(inputs: list[str], out: Path, cfg, use_prefect: bool) -> dict:
+def _run_build(
+    inputs: list[str], out: str, cfg, use_prefect: bool, kind: str, address: str | None
+) -> dict:
     from fgid import progress
     from fgid.inputs import collect_sources
+    from flows.secrets import load_storage_secret
+    from storage.credentials import check_url
 
+    # Before anything reads s3:// or starts workers, so they all see the credentials; and a URL
+    # carrying credentials is refused before Prefect could record it as a parameter.
+    load_storage_secret()
+    try:
+        for url in [*inputs, out]:
+            check_url(url)
+    except ValueError as error:  # the message never repeats the URL
+        raise typer.BadParameter(str(error), param_hint="INPUTS / --out") from None
     total = len(collect_sources(inputs))
     console.print(
         f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})"
@@ -113,11 +145,12 @@ def _run_build(inputs: list[str], out: Path, cfg, use_prefect: bool) -> dict:
     try:
         with bar:
             if use_prefect:
-                from prefect.task_runners import ThreadPoolTaskRunner
-
                 from flows.build import build as build_flow
+                from flows.runners import describe, gpu_request, task_runner
 
-                runner = ThreadPoolTaskRunner(max_workers=cfg.workers)
+                runner = task_runner(kind, workers=cfg.workers, address=address,
+                                     gpus=gpu_request(cfg))  # fmt: skip
+                console.print(f"shards run on {describe(runner)}")
                 return build_flow.with_options(task_runner=runner)(
                     inputs=[str(i) for i in inputs], out=str(out), config=cfg
                 )
@@ -129,7 +162,7 @@ def _run_build(inputs: list[str], out: Path, cfg, use_prefect: bool) -> dict:
         unsubscribe()
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _print_summary(summary: dict, out: str) -> None:
     from fgid.report import summary_table
 
     table = Table(title=f"FGID dataset {out}", show_header=False)
@@ -174,7 +207,9 @@ def _print_samples(dataset: str, count: int, out: Console) -> None:
     import webdataset as wds
 
     import storage
+    import storage.gopen
 
+    storage.gopen.register(dataset)  # webdataset has no s3:// handler of its own
     shards = storage.list_files(storage.join(dataset, "shards"), "[0-9]*.tar")
     if not shards:
         return
@@ -188,6 +223,87 @@ def _print_samples(dataset: str, count: int, out: Console) -> None:
         )
         out.print(f"  caption: {escape(sample['caption.txt'].decode())}")
         out.print(f"  facial:  {escape(sample['facial.txt'].decode())}")
+
+
+@app.command()
+def serve(
+    inputs: InputsArg,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder; {date} or {datetime} are filled from each run's scheduled "
+            "time, e.g. data/fgid-{date}. A fixed folder resumes, and refuses changed inputs.",
+        ),
+    ],
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule, e.g. '0 2 * * *' (02:00 every day).")
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="Seconds between runs, e.g. 86400.")
+    ] = None,
+    timezone: Annotated[
+        str, typer.Option(help="Time zone of --cron and of {date}/{datetime}.")
+    ] = "UTC",
+    name: Annotated[
+        str, typer.Option(help="Deployment name: fgid-scheduled-build/NAME.")
+    ] = "fgid-build",
+    models: ModelsOpt = None,
+    shard_size: ShardSizeOpt = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    labels: LabelsOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
+) -> None:
+    """Serve a scheduled build on the Prefect server (PREFECT_API_URL) until Ctrl-C or SIGTERM."""
+    from flows.serve import serve_build
+
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[yellow]PREFECT_API_URL is not set: the schedule lives on a temporary "
+                      "server that stops with this process.[/]")  # fmt: skip
+    cfg = _build_config(config, set_, models=models, shard_size=shard_size,
+                        batch_size=batch_size, workers=workers, labels=labels)  # fmt: skip
+    try:
+        serve_build(inputs, out, cfg, name=name, cron=cron, interval=interval, timezone=timezone)
+    except ValueError as error:  # schedule, interval or time zone, checked before serving
+        raise typer.BadParameter(str(error)) from None
+
+
+@app.command()
+def remove(
+    dataset: Annotated[str, typer.Argument(help="A folder or URL written by 'fgid build'.")],
+    reason: Annotated[str, typer.Option(help="Why, for the record: a ticket number, not a name.")],
+    identity: Annotated[
+        str | None, typer.Option(help="Remove every sample of this identity (identities.parquet).")
+    ] = None,
+    sources: Annotated[
+        Path | None,
+        typer.Option(
+            help="File of source paths or content sha256s (of the requester's photo), one per line."
+        ),
+    ] = None,
+) -> None:
+    """Take an identity or source files out of every shard, index and the plan, with a record."""
+    from fgid.removal import remove_samples
+
+    if (identity is None) == (sources is None):
+        raise typer.BadParameter("give exactly one of --identity or --sources")
+    entries = None
+    if sources is not None:
+        lines = sources.read_text(encoding="utf-8").splitlines()
+        entries = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    try:
+        record = remove_samples(dataset, identity=identity, sources=entries, reason=reason)
+    except ValueError as error:
+        console.print(f"[red]{escape(str(error))}[/]")
+        raise typer.Exit(1) from None
+    shards = record["shards"]
+    console.print(
+        f"removed {len(record['samples'])} samples (record removals/{record['id']}.json); "
+        f"shards rewritten {shards.get('rewritten', [])}, deleted {shards.get('deleted', [])}"
+    )
 
 
 @app.command("samples")

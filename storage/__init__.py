@@ -4,6 +4,7 @@ from storage.atomic import atomic_open, atomic_write_bytes, atomic_write_text, r
 from storage.files import (
     exists,
     filesystem,
+    is_dir,
     is_remote,
     join,
     list_files,
@@ -13,10 +14,12 @@ from storage.files import (
     read_bytes,
     read_text,
     remove,
+    size,
+    walk_files,
 )
 
 __all__ = [
-    "atomic_open", "atomic_write_bytes", "atomic_write_text", "exists", "filesystem", "is_remote",
-    "join", "list_files", "makedirs", "name", "open_input", "read_bytes", "read_text", "remove",
-    "remove_stale_tmp",
+    "atomic_open", "atomic_write_bytes", "atomic_write_text", "exists", "filesystem", "is_dir",
+    "is_remote", "join", "list_files", "makedirs", "name", "open_input", "read_bytes", "read_text",
+    "remove", "remove_stale_tmp", "size", "walk_files",
 ]  # fmt: skip

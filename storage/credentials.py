@@ -1,17 +1,51 @@
 """Storage credentials and endpoints, read from the environment only.
 
 s3:// uses the standard variables AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN /
-AWS_DEFAULT_REGION (read by botocore itself) and FGID_S3_ENDPOINT_URL for S3-compatible servers
-(SeaweedFS, MinIO, Ceph). Nothing here is ever logged.
+AWS_DEFAULT_REGION and FGID_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) for S3-compatible servers
+(SeaweedFS, MinIO, Ceph). With none set, botocore's own chain applies (profiles, instance
+roles). A Prefect Secret block can fill these variables (flows/secrets.py); storage itself never
+talks to Prefect. Nothing here is ever logged, and credentials never travel inside URLs.
 """
 
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
+
+S3_PROTOCOLS = ("s3", "s3a")
+KEYS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
+ENDPOINT_VARS = ("FGID_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 
 
 def storage_options(protocol: str | None) -> dict:
-    if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("FGID_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    return {}
+    """fsspec options for `protocol`, from the environment as it is now.
+
+    Keys are passed explicitly (not left to botocore's lookup) so that fsspec's per-options
+    instance cache follows the environment: new credentials give a new client, not a stale one.
+    Listing caches are off because other processes (shard workers) write beside us."""
+    if protocol not in S3_PROTOCOLS:
+        return {}
+    options: dict = {"use_listings_cache": False}
+    options.update({opt: os.environ[var] for opt, var in KEYS.items() if os.environ.get(var)})
+    endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
+    client: dict = {}
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    if os.environ.get("AWS_DEFAULT_REGION"):
+        client["region_name"] = os.environ["AWS_DEFAULT_REGION"]
+    if client:
+        options["client_kwargs"] = client
+    return options
+
+
+def check_url(url: str) -> None:
+    """Refuse URLs that carry credentials (user:secret@host, presigned query strings).
+
+    Such a URL would end up in flow parameters, plans and logs; the message never repeats it."""
+    parts = urlsplit(url)
+    query = parts.query.lower()
+    if "@" in parts.netloc or "signature=" in query or "x-amz-credential" in query:
+        raise ValueError(
+            f"{parts.scheme}:// URL with embedded credentials refused; set them in the "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a Prefect Secret block"
+        )

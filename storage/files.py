@@ -35,11 +35,12 @@ def name(url: str | Path) -> str:
 
 def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     """(file system, path inside it) for a local path or a URL."""
-    from storage.credentials import storage_options
+    from storage.credentials import check_url, storage_options
 
     url = str(url)
     if not is_remote(url):
         return fsspec.filesystem("file"), os.path.abspath(url)
+    check_url(url)
     protocol, _ = split_protocol(url)
     fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol))
     return fs, path
@@ -66,10 +67,22 @@ def read_text(url: str | Path) -> str:
     return read_bytes(url).decode("utf-8")
 
 
-def open_input(url: str | Path) -> io.BufferedIOBase:
-    """Open for reading (pyarrow and webdataset take file objects)."""
+def open_input(url: str | Path, **options) -> io.BufferedIOBase:
+    """Open for reading (pyarrow and webdataset take file objects); options go to fs.open."""
     fs, path = filesystem(url)
-    return fs.open(path, "rb")
+    return fs.open(path, "rb", **options)
+
+
+def is_dir(url: str | Path) -> bool:
+    """A local folder, or an object-store prefix that has objects below it (or a bucket)."""
+    fs, path = filesystem(url)
+    return fs.isdir(path)
+
+
+def size(url: str | Path) -> int:
+    """Size in bytes; FileNotFoundError if there is no such file or object."""
+    fs, path = filesystem(url)
+    return int(fs.size(path))
 
 
 def makedirs(url: str | Path) -> None:
@@ -89,6 +102,14 @@ def list_files(folder: str | Path, pattern: str = "*") -> list[str]:
         if entry["type"] == "file" and not base.startswith(".") and fnmatch.fnmatch(base, pattern):
             found.append(_url(fs, entry["name"], str(folder)))
     return sorted(found)
+
+
+def walk_files(folder: str | Path) -> list[str]:
+    """Every file below `folder`, at any depth, sorted; names as `folder` spells them."""
+    fs, path = filesystem(folder)
+    if not fs.isdir(path):
+        return []
+    return sorted(_url(fs, found, str(folder)) for found in fs.find(path))
 
 
 def remove(url: str | Path) -> None:

@@ -75,4 +75,10 @@ def prefect_server(tmp_path_factory):
     home.mkdir()
     server = PrefectServer(home).start()
     yield server
+    # Flush what in-process flows queued for the API first, or exit hangs retrying a closed port.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
     server.stop()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import storage
 from fgid.config import DecodeConfig
 from fgid.sample import Sample
 from fgid.stages.base import Stage
@@ -23,7 +24,15 @@ class Rejected(Exception):
         self.code, self.detail = code, detail
 
 
+# What an object store says about one object. Anything else is the storage failing, not the
+# input, and raises so that the shard is retried: connection refused, timeouts, server errors,
+# and access denied (wrong credentials would otherwise reject every input as unreadable).
+OBJECT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
 def read_source(path: str, max_bytes: int) -> bytes:
+    if storage.is_remote(path):
+        return _read_object(path, max_bytes)
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -34,6 +43,25 @@ def read_source(path: str, max_bytes: int) -> bytes:
         data = p.read_bytes()
     except OSError as exc:
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    if not data:
+        raise Rejected("empty_file")
+    return data
+
+
+def _read_object(url: str, max_bytes: int) -> bytes:
+    try:
+        fs, path = storage.filesystem(url)
+        info = fs.info(path)  # one HEAD request: an object wins over a prefix of the same name
+        if info["type"] != "file":
+            raise Rejected("unreadable", "is a directory")
+        size = int(info.get("size") or 0)
+        if size > max_bytes:
+            raise Rejected("file_too_large", f"{size} bytes > {max_bytes}")
+        data = fs.cat_file(path)
+    except OBJECT_ERRORS as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:  # a malformed URL, e.g. an invalid bucket name
+        raise Rejected("unreadable", f"ValueError: {exc}") from exc
     if not data:
         raise Rejected("empty_file")
     return data

@@ -44,7 +44,7 @@ async def flow_run_report(api_url: str, flow_name: str):
                 task_run_filter=TaskRunFilter(flow_run_id={"any_": [r.id for r in runs]})
             )
             artifacts = await client.read_artifacts()
-            if len(tasks) >= 4 and len(artifacts) >= 2 and all(t.state.is_final() for t in tasks):
+            if len(tasks) >= 4 and len(artifacts) >= 3 and all(t.state.is_final() for t in tasks):
                 break
             await asyncio.sleep(0.5)
         return runs, tasks, artifacts
@@ -60,13 +60,23 @@ def test_build_flow_on_a_real_server(prefect_server, demo_inputs, tmp_path):
     runs, tasks, artifacts = asyncio.run(flow_run_report(prefect_server.api_url, "fgid-build"))
     assert [r.name for r in runs] == ["build-celeb-demo-lite"]
     assert runs[0].state.is_completed()
+    run_tags = {"fgid", "build", "dataset:celeb-demo", "models:lite"}
+    assert run_tags <= set(runs[0].tags)
+    stages = "decode>detect>align>parse>embed>attributes>caption"
     names = sorted(t.name for t in tasks)
-    assert names == ["finalize-celeb-demo", "shard-00000", "shard-00001", "shard-00002"]
+    assert names == [f"celeb-demo shard {i:05d} {stages}" for i in range(3)] + [
+        "finalize-celeb-demo"
+    ]
     assert all(t.state.is_completed() for t in tasks)
+    assert all(run_tags <= set(t.tags) for t in tasks)
+    assert {"shard", "finalize"} == {tag for t in tasks for tag in t.tags} - run_tags
     keys = [a.key for a in artifacts if a.key]
-    assert "fgid-summary-celeb-demo" in keys
+    assert {"fgid-summary-celeb-demo", "fgid-card-celeb-demo"} <= set(keys)
     markdown = next(a for a in artifacts if a.key == "fgid-summary-celeb-demo")
     assert "Rejection reasons" in markdown.data and "no_face" in markdown.data
+    card = next(a for a in artifacts if a.key == "fgid-card-celeb-demo")
+    assert card.data.count("](data:image/png;base64,") == 5
+    assert (out / "card" / "README.md").exists() and len(list((out / "card").glob("*.png"))) == 5
 
     # Plain webdataset reads the flow's shards; they equal a plain-Python build's byte for byte.
     shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))

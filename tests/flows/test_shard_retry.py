@@ -40,7 +40,7 @@ def test_failed_shard_is_retried_and_output_is_unchanged(
     async def shard_one_runs():
         async with PrefectClient(api=prefect_server.api_url) as client:
             runs = await client.read_task_runs()
-            return [r for r in runs if r.name == "shard-00001"]
+            return [r for r in runs if r.name == flow_module.shard_run_name("retried", 1)]
 
     (run,) = [r for r in asyncio.run(shard_one_runs()) if r.run_count == 2]
     assert run.state.is_completed()

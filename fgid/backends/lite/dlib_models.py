@@ -56,6 +56,8 @@ class DlibDetector:
         return [self._detect_one(image) for image in images]
 
     def _detect_one(self, image: np.ndarray) -> list[Detection]:
+        # dlib ignores numpy strides: a flipped or cropped view would be read as other pixels.
+        image = np.ascontiguousarray(image)
         scale = min(1.0, self.max_side / max(image.shape[:2]))
         small = (
             image
