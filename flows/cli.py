@@ -306,6 +306,46 @@ def remove(
     )
 
 
+export_app = typer.Typer(
+    help="Write a built dataset in another project's layout.", no_args_is_help=True
+)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("consistentid")
+def export_consistentid_cmd(
+    dataset: Annotated[str, typer.Argument(help="A folder or URL written by 'fgid build'.")],
+    out: Annotated[str, typer.Option(help="Folder or s3:// prefix to write the layout into.")],
+    include_duplicates: Annotated[
+        bool, typer.Option(help="Also export exact duplicates (identities.parquet duplicate_of).")
+    ] = False,
+    allow_any_dim: Annotated[
+        bool,
+        typer.Option(help="Export non-512-d embeddings (lite: 128-d) as (1, dim) tensors anyway."),
+    ] = False,
+) -> None:
+    """Write the ConsistentID reference trainer's layout: images, masks, embeddings, JSON."""
+    from fgid.export import export_consistentid
+
+    try:
+        summary = export_consistentid(
+            dataset, out, include_duplicates=include_duplicates, allow_any_dim=allow_any_dim
+        )
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]{escape(str(error))}[/]")
+        raise typer.Exit(1) from None
+    console.print(
+        f"exported {summary['samples']} samples to {escape(summary['json'])} "
+        f"({summary['skipped_duplicates']} duplicates skipped, {summary['written']} files written, "
+        f"{summary['pruned']} stale files deleted)"
+    )
+    if not summary["reference_compatible"]:
+        console.print(
+            f"[yellow]embeddings are {summary['embedding_dim']}-d: the reference trainer "
+            "expects (1, 512)[/]"
+        )
+
+
 @app.command("samples")
 def samples_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the demo photos into.")],

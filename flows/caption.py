@@ -1,0 +1,106 @@
+"""The `caption` Prefect flow: add or replace captions in a built dataset, one task per shard.
+
+Only wiring lives here; every step is a function of fgid.caption_run / fgid.recaption, which run
+the same way without Prefect (fgid.recaption.recaption).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+import storage
+from fgid.caption_run import (
+    DEFAULT_FIELDS,
+    CaptionRun,
+    finish_run,
+    prepare_run,
+    read_stats,
+    shard_at_run,
+    shards_to_caption,
+)
+from fgid.captioners import leased_captioner
+from fgid.config import BuildConfig
+from fgid.recaption import recaption_shard
+from flows.build import _tag_flow_run, artifact_key
+from flows.secrets import load_storage_secret
+
+
+# As build_shard: botocore absorbs short storage outages, these retries cover longer ones. A retry
+# resumes from the shard's caption journal, so it captions only what the failed try had not.
+@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE, log_prints=False)
+def caption_shard(dataset: str, shard_id: int, config: BuildConfig, run: CaptionRun) -> dict:
+    """Caption one shard for `run`, or report it done (a retry after a crash at commit)."""
+    logger = get_run_logger()
+    if shard_at_run(read_stats(dataset, shard_id), run):
+        logger.info("shard %05d already has run %s", shard_id, run.id)
+        return read_stats(dataset, shard_id)
+    with leased_captioner(config) as captioner:
+        stats = recaption_shard(
+            dataset, shard_id, captioner, run, batch_size=config.caption.batch_size
+        )
+    logger.info("shard %05d: %d samples captioned by %s", shard_id, stats["ok"], captioner.name)
+    return stats
+
+
+def caption_run_name(dataset: str, shard_id: int) -> str:
+    return f"{dataset} caption shard {shard_id:05d}"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    config = params.get("config") or BuildConfig()
+    return f"caption-{storage.name(params['dataset'])}-{config.models.set}"
+
+
+def _record_markdown(record: dict) -> str:
+    rows = "\n".join(f"| `{name}` | {prompt} |" for name, prompt in record["fields"].items())
+    return (
+        f"# Caption run `{record['id']}`\n\nCaptioner: `{record['captioner']}` "
+        f"(models: {', '.join(record['models']) or 'none yet'}), status {record['status']}, "
+        f"{len(record['shards']['captioned'])} shard(s) captioned.\n\n"
+        f"| field | prompt |\n|---|---|\n{rows}\n"
+    )
+
+
+@flow(name="fgid-caption", flow_run_name=_run_name, log_prints=False)
+def caption(
+    dataset: str,
+    config: BuildConfig | None = None,
+    fields: dict[str, str] | None = None,
+    replace: bool = False,
+) -> dict:
+    """Caption every built shard of `dataset` with `config`'s captioner; returns the run record."""
+    config = config or BuildConfig()
+    fields = fields or DEFAULT_FIELDS
+    logger = get_run_logger()
+    load_storage_secret()
+    name = storage.name(dataset)
+    run = prepare_run(dataset, config, fields, replace)
+    run_tags = ["fgid", "caption", f"dataset:{name}", f"models:{config.models.set}",
+                f"caption-run:{run.id}"]  # fmt: skip
+    _tag_flow_run(run_tags)
+    todo = shards_to_caption(dataset, run)
+    logger.info("caption run %s (%s): %d shard(s) to caption", run.id, run.source, len(todo))
+    with tags(*run_tags):
+        futures = [
+            caption_shard.with_options(
+                task_run_name=caption_run_name(name, shard_id), tags=["shard"]
+            ).submit(dataset, shard_id, config, run)
+            for shard_id in todo
+        ]
+        for future in futures:
+            future.wait()
+        failed = [f for f in futures if not f.state.is_completed()]
+    record = finish_run(dataset, run)
+    create_markdown_artifact(
+        _record_markdown(record),
+        key=artifact_key("captions", dataset),
+        description="FGID caption run",
+    )
+    if failed:
+        raise RuntimeError(f"{len(failed)} shard(s) failed after retries; rerun to resume")
+    return record
