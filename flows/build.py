@@ -87,7 +87,7 @@ def shard_run_name(dataset: str, shard_id: int) -> str:
     return f"{dataset} shard {shard_id:05d} {'>'.join(STAGES)}"
 
 
-def _tag_flow_run(run_tags: list[str]) -> None:
+def tag_flow_run(run_tags: list[str]) -> None:
     # Tags are known only once parameters are; the run already exists, so add them to it.
     from prefect.runtime import flow_run
 
@@ -103,7 +103,7 @@ def build(inputs: list[str], out: str, config: BuildConfig | None = None) -> dic
     load_storage_secret()  # deployments and `fgid serve` runs get credentials from the block too
     dataset = storage.name(out)
     run_tags = ["fgid", "build", f"dataset:{dataset}", f"models:{config.models.set}"]
-    _tag_flow_run(run_tags)
+    tag_flow_run(run_tags)
     plans: list[ShardPlan] = prepare_output(inputs, out, config)
     todo = [p for p in plans if not shard_done(out, p.shard_id)]
     logger.info(

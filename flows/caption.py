@@ -23,7 +23,7 @@ from fgid.caption_run import (
 from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
 from fgid.recaption import recaption_shard
-from flows.build import _tag_flow_run, artifact_key
+from flows.build import artifact_key, tag_flow_run
 from flows.secrets import load_storage_secret
 
 
@@ -82,7 +82,7 @@ def caption(
     run = prepare_run(dataset, config, fields, replace)
     run_tags = ["fgid", "caption", f"dataset:{name}", f"models:{config.models.set}",
                 f"caption-run:{run.id}"]  # fmt: skip
-    _tag_flow_run(run_tags)
+    tag_flow_run(run_tags)
     todo = shards_to_caption(dataset, run)
     logger.info("caption run %s (%s): %d shard(s) to caption", run.id, run.source, len(todo))
     with tags(*run_tags):

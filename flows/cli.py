@@ -272,6 +272,75 @@ def serve(
 
 
 @app.command()
+def caption(
+    dataset: Annotated[str, typer.Argument(help="A folder or URL written by 'fgid build'.")],
+    models: ModelsOpt = None,
+    llava: Annotated[
+        str | None,
+        typer.Option(help="LLaVA hub id or local dir (models.llava): the VLM that captions."),
+    ] = None,
+    prompt: Annotated[
+        list[str], typer.Option("--prompt", help="A prompt; give one --field NAME for each.")
+    ] = [],  # noqa: B006 - typer needs a list default
+    field: Annotated[
+        list[str],
+        typer.Option(
+            "--field",
+            help="Field written as {key}.NAME.txt (a-z, 0-9, _). Without --prompt: caption or "
+            "facial with the spec prompt. Default: both.",
+        ),
+    ] = [],  # noqa: B006 - typer needs a list default
+    replace: Annotated[
+        bool, typer.Option(help="Overwrite fields the build or another caption run wrote.")
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per captioner call and journal entry; default 8.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
+    prefect: Annotated[
+        bool, typer.Option(help="Run as a Prefect flow (a temporary local server if none is set).")
+    ] = True,
+) -> None:
+    """Add or replace captions in a built dataset with another captioner or prompt."""
+    from fgid.caption_run import FieldExists, fields_from_options
+    from flows.secrets import load_storage_secret
+    from storage.credentials import check_url
+
+    load_storage_secret()
+    try:
+        check_url(dataset)
+        fields = fields_from_options(prompt, field)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="DATASET / --prompt / --field") from None
+    overrides = {"models.llava": llava, "caption.batch_size": batch_size}
+    cfg = _build_config(config, set_, models=models, **overrides)
+    console.print(
+        f"[bold]fgid caption[/]: {escape(dataset)} fields {', '.join(fields)} "
+        f"(models: {cfg.models.set})"
+    )
+    try:
+        if prefect:
+            from flows.caption import caption as caption_flow
+
+            record = caption_flow(dataset=dataset, config=cfg, fields=fields, replace=replace)
+        else:
+            from fgid.recaption import recaption
+
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+            record = recaption(dataset, cfg, fields, replace)
+    except FieldExists as error:
+        console.print(f"[red]{escape(str(error))}[/]")
+        raise typer.Exit(2) from None
+    console.print(
+        f"caption run {record['id']}: {record['status']}, "
+        f"{len(record['shards']['captioned'])} shard(s) captioned by {', '.join(record['models'])}"
+    )
+    if record["status"] != "done":
+        raise typer.Exit(1)
+
+
+@app.command()
 def remove(
     dataset: Annotated[str, typer.Argument(help="A folder or URL written by 'fgid build'.")],
     reason: Annotated[str, typer.Option(help="Why, for the record: a ticket number, not a name.")],

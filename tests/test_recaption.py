@@ -226,3 +226,31 @@ def test_crash_mid_shard_resumes_per_sample(built, dataset, tmp_path, llava_conf
     assert record["status"] == "done" and not list((dataset / "captions").glob("*.jsonl"))
     for path in sorted((reference / "shards").iterdir()):
         assert (dataset / "shards" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_crash_between_new_tar_and_stats_is_finished_by_a_rerun(
+    built, dataset, tmp_path, lite_config, monkeypatch
+):
+    import storage
+
+    reference = tmp_path / "reference"
+    shutil.copytree(built, reference)
+    recaption(str(reference), lite_config, DEFAULT_FIELDS, replace=True)
+    real_write = storage.atomic_write_text
+
+    def killed_at_commit(url, text):
+        if str(url).endswith("00001.stats.json"):
+            raise OSError(28, "No space left on device")
+        real_write(url, text)
+
+    monkeypatch.setattr(storage, "atomic_write_text", killed_at_commit)
+    with pytest.raises(OSError):
+        recaption(str(dataset), lite_config, DEFAULT_FIELDS, replace=True)
+    monkeypatch.setattr(storage, "atomic_write_text", real_write)
+    assert list((dataset / "captions").glob("*.00001.jsonl"))  # new tar in place, not committed
+    again = Counting(load_captioner(lite_config))
+    recaption(str(dataset), lite_config, DEFAULT_FIELDS, replace=True, captioner=again)
+    # Shard 1 is finished from its journal; only shard 2 (one batch, two fields) is captioned.
+    assert len(again.batches) == 2 and not list((dataset / "captions").glob("*.jsonl"))
+    for path in sorted((reference / "shards").iterdir()):
+        assert (dataset / "shards" / path.name).read_bytes() == path.read_bytes(), path.name
