@@ -68,8 +68,8 @@ def test_build_flow_on_a_real_server(prefect_server, demo_inputs, tmp_path):
         "finalize-celeb-demo"
     ]
     assert all(t.state.is_completed() for t in tasks)
-    assert all(run_tags <= set(t.tags) for t in tasks)
-    assert {"shard", "finalize"} == {tag for t in tasks for tag in t.tags} - run_tags
+    # Task runs carry no tags: tagged task runs pay Prefect's tag-concurrency lease per run.
+    assert all(not t.tags for t in tasks)
     keys = [a.key for a in artifacts if a.key]
     assert {"fgid-summary-celeb-demo", "fgid-card-celeb-demo"} <= set(keys)
     markdown = next(a for a in artifacts if a.key == "fgid-summary-celeb-demo")
