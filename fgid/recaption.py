@@ -41,7 +41,7 @@ from fgid.caption_run import (
 from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
 from fgid.protocols import Captioner
-from fgid.writer import shard_paths
+from fgid.writer import add_member, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def _rewrite(url: str, journal: Journal, run: CaptionRun, model: str) -> int:
                 raise RuntimeError(f"sample {key} has no journaled caption")
             members = _with_captions(members, journal.entries[key], run, model)
             for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644  # as fgid/writer.py
-                new.addfile(info, io.BytesIO(data))
+                add_member(new, f"{key}.{ext}", data)
                 total += len(data)
     return total
 

@@ -10,7 +10,6 @@ content sha256s (a requester's copy of a photo). Not to be run while a build wri
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from fgid.config import BuildConfig
 from fgid.finalize import finalize
 from fgid.inputs import PLAN_FILE, ShardPlan, plans_from_table, sample_key, write_plan
 from fgid.schema import INDEX_SCHEMA, STATUS_OK, reason_code
-from fgid.writer import shard_paths
+from fgid.writer import add_member, shard_paths
 
 REMOVALS_DIR = "removals"
 PENDING, DONE = "pending", "done"
@@ -243,8 +242,6 @@ def _rewrite_tar(url: str, keys: set[str]) -> int:
             if member.name.split(".", 1)[0] in keys:
                 continue
             data = old.extractfile(member).read()
-            info = tarfile.TarInfo(member.name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644  # as fgid/writer.py
-            new.addfile(info, io.BytesIO(data))
+            add_member(new, member.name, data)
             kept += len(data)
     return kept

@@ -29,6 +29,14 @@ def shard_paths(out_dir: str, shard_id: int) -> dict[str, str]:
     return {"tar": f"{base}.tar", "index": f"{base}.parquet", "stats": f"{base}.stats.json"}
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one member with fixed headers (mtime 0, mode 0644, no owner), so that a shard
+    written twice, or rewritten by a caption run or a takedown, is byte-identical."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
 def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, bytes]:
     ok, jpg = cv2.imencode(
         ".jpg",
@@ -91,9 +99,7 @@ class ShardWriter:
             return
         start = time.perf_counter()
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed headers: reproducible
-            self._tar.addfile(info, io.BytesIO(data))
+            add_member(self._tar, f"{sample.key}.{ext}", data)
             self.bytes_written += len(data)
         self.write_seconds += time.perf_counter() - start
 
