@@ -41,7 +41,7 @@ from fgid.caption_run import (
 from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
 from fgid.protocols import Captioner
-from fgid.writer import add_member, shard_paths
+from fgid.writer import add_member, rewrite_tar, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,7 @@ def _with_captions(members: dict[str, bytes], captions: dict, run: CaptionRun, m
 def _rewrite(url: str, journal: Journal, run: CaptionRun, model: str) -> int:
     """Pass 2: the new tar from the old one and the journal; returns its data bytes."""
     total = 0
-    with (
-        storage.open_input(url) as source,
-        tarfile.open(fileobj=source, mode="r|") as old,
-        storage.atomic_open(url) as target,
-        tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as new,
-    ):
+    with rewrite_tar(url) as (old, new):
         for key, members in _samples(old):
             if key not in journal.entries:
                 raise RuntimeError(f"sample {key} has no journaled caption")

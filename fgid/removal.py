@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import tarfile
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -27,7 +26,7 @@ from fgid.config import BuildConfig
 from fgid.finalize import finalize
 from fgid.inputs import PLAN_FILE, ShardPlan, plans_from_table, sample_key, write_plan
 from fgid.schema import INDEX_SCHEMA, STATUS_OK, reason_code
-from fgid.writer import add_member, shard_paths
+from fgid.writer import add_member, rewrite_tar, shard_paths
 
 REMOVALS_DIR = "removals"
 PENDING, DONE = "pending", "done"
@@ -232,12 +231,7 @@ def _write_json(url: str, data: dict) -> None:
 def _rewrite_tar(url: str, keys: set[str]) -> int:
     """Copy every member not of `keys` with the writer's fixed headers; returns the data bytes."""
     kept = 0
-    with (
-        storage.open_input(url) as source,
-        tarfile.open(fileobj=source, mode="r|") as old,
-        storage.atomic_open(url) as target,
-        tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as new,
-    ):
+    with rewrite_tar(url) as (old, new):
         for member in old:
             if member.name.split(".", 1)[0] in keys:
                 continue

@@ -8,10 +8,12 @@ encoders, rows in plan order).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
 import time
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -35,6 +37,19 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+@contextlib.contextmanager
+def rewrite_tar(url: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarFile]]:
+    """(old, new): stream the shard tar at `url` and write its replacement, which takes the old
+    one's place atomically only if the block succeeds. Write members with `add_member`."""
+    with (
+        storage.open_input(url) as source,
+        tarfile.open(fileobj=source, mode="r|") as old,
+        storage.atomic_open(url) as target,
+        tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as new,
+    ):
+        yield old, new
 
 
 def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, bytes]:

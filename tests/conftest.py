@@ -82,3 +82,29 @@ def prefect_server(tmp_path_factory):
     APILogWorker.drain_all()
     EventsWorker.drain_all()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def full_config(tmp_path_factory):
+    """The full model set on tiny models built here under the real file names and formats."""
+    from fgid.config import BuildConfig
+    from tests.tiny_full_models import (
+        build_bisenet_weights,
+        build_insightface_pack,
+        build_tiny_llava,
+    )
+
+    root = tmp_path_factory.mktemp("weights")
+    return BuildConfig(
+        shard_size=3,
+        batch_size=2,
+        models={
+            "set": "full",
+            "insightface_root": str(build_insightface_pack(root / "insightface")),
+            "facexlib_root": str(build_bisenet_weights(root / "facexlib")),
+            "llava": str(build_tiny_llava(root / "llava")),
+            "device": "cpu",
+        },
+        caption={"max_new_tokens": 8},
+        detect={"min_face_size": 8},
+    )

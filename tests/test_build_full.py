@@ -10,30 +10,9 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 
-from fgid.config import BuildConfig
 from fgid.pipeline import build
-from tests.tiny_full_models import build_bisenet_weights, build_insightface_pack, build_tiny_llava
-
-
-@pytest.fixture(scope="module")
-def full_config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    return BuildConfig(
-        shard_size=3,
-        batch_size=2,
-        models={
-            "set": "full",
-            "insightface_root": str(build_insightface_pack(root / "insightface")),
-            "facexlib_root": str(build_bisenet_weights(root / "facexlib")),
-            "llava": str(build_tiny_llava(root / "llava")),
-            "device": "cpu",
-        },
-        caption={"max_new_tokens": 8},
-        detect={"min_face_size": 8},
-    )
 
 
 def test_full_set_builds_readable_shards(full_config, demo_inputs, tmp_path):

@@ -14,11 +14,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from fgid.config import BuildConfig
 from fgid.export import JSON_NAME, EmbeddingDimError, export_consistentid
 from fgid.pipeline import build
 from fgid.removal import remove_samples
-from tests.tiny_full_models import build_bisenet_weights, build_insightface_pack, build_tiny_llava
 
 REFERENCE_FIELDS = {
     "resize_IMG",
@@ -31,24 +29,10 @@ REFERENCE_FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def full_dataset(tmp_path_factory, demo_inputs):
+def full_dataset(tmp_path_factory, demo_inputs, full_config):
     """A build with the full model set (tiny stand-in weights): 512-d embeddings, 512 crops."""
-    root = tmp_path_factory.mktemp("weights")
-    config = BuildConfig(
-        shard_size=3,
-        batch_size=2,
-        models={
-            "set": "full",
-            "insightface_root": str(build_insightface_pack(root / "insightface")),
-            "facexlib_root": str(build_bisenet_weights(root / "facexlib")),
-            "llava": str(build_tiny_llava(root / "llava")),
-            "device": "cpu",
-        },
-        caption={"max_new_tokens": 8},
-        detect={"min_face_size": 8},
-    )
     out = tmp_path_factory.mktemp("export-full") / "ds"
-    assert build([str(demo_inputs)], str(out), config)["embedding_dim"] == 512
+    assert build([str(demo_inputs)], str(out), full_config)["embedding_dim"] == 512
     return out
 
 
