@@ -1,0 +1,46 @@
+"""Training fixtures: a real lite build to stream from, and tiny model folders built offline."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.training import tiny_models
+
+
+@pytest.fixture(scope="session")
+def built_dataset(tmp_path_factory, lite_config, lite_models):
+    """A finished lite build (no Prefect) of five people with several photos each: real shards,
+    Parquet indexes and identities.parquet, 128-d dlib embeddings, template captions."""
+    from fgid.pipeline import build
+    from tests.corpus import make_identity_corpus
+
+    inputs = tmp_path_factory.mktemp("training-inputs")
+    make_identity_corpus(inputs)
+    out = tmp_path_factory.mktemp("training-dataset")
+    build([str(inputs)], str(out), lite_config, lite_models)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory):
+    return tiny_models.save_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    return tiny_models.build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return tiny_models.build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return tiny_models.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+    return tiny_models.build_tiny_dino(tmp_path_factory.mktemp("tiny-dino"))
