@@ -1,0 +1,417 @@
+"""Training batches from a built dataset: deterministic, resumable, split by node and worker.
+
+Order. Training runs in rounds (epochs). Round r permutes the shards with (seed, r); slot
+`node + nodes * worker` of the `nodes * workers` slots takes every slot-th shard of it, so each
+round covers every shard once across the cluster (a resampled run with fewer shards than slots
+chains several permutations so that every slot gets one). A worker reads its shards in order
+through webdataset, shuffles raw samples (bytes, not decoded) in a buffer seeded by (seed,
+round, node, worker), pairs each target with a reference image of its identity (training.pairs;
+fetched by random access, training.tarindex), decodes and batches: batches are built inside the
+worker, so the DataLoader (batch_size=None) moves whole batches between processes.
+
+Resume. The DataLoader takes batches from its workers round-robin, skipping workers that ran
+out; global batch b of a resampled run is worker b % W's batch b // W. Shard sample counts come
+from the shard indexes, so `start_batch=k` knows, without reading any image, how many batches
+each worker contributed before k: it skips whole rounds arithmetically, then drops that many
+raw samples of the current round before decoding, and rotates the workers so that the
+DataLoader's first worker plays the one that owns batch k. A finite run (resampled=False) ends
+after one round and resumes just as exactly; its per-rank batch counts may differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+import storage
+from storage.gopen import register
+from training.pairs import IdentityTable, draw
+from training.reference import Reference, decode_sample, shard_id
+from training.regions import (
+    ARCFACE_SIZE,
+    CLIP_MEAN,
+    CLIP_STD,
+    arcface_crop,
+    clip_preprocess,
+    region_images,
+    region_masks,
+    resize_label_map,
+    to_unit_range,
+)
+from training.stream import shard_urls
+from training.tarindex import ShardReader
+from training.text import add_facial_token, build_prompt, tokenize_facial
+
+log = logging.getLogger(__name__)
+
+Item = tuple[Reference, Reference, bool]  # target, reference, reference is another image
+
+
+class LoaderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, description="samples per batch, per process")
+    resolution: int = Field(512, ge=8, description="side of the target image and masks")
+    clip_size: int = Field(224, ge=8, description="side of CLIP image-encoder inputs")
+    clip_mean: tuple[float, float, float] = CLIP_MEAN
+    clip_std: tuple[float, float, float] = CLIP_STD
+    seed: int = 0
+    shuffle_buffer: int = Field(
+        1000, ge=0, description="raw samples per worker buffer (~100 KB each at 512 px)"
+    )
+    shuffle_shards: bool = True
+    workers: int = Field(2, ge=0, description="DataLoader worker processes; 0 = in process")
+    resampled: bool = Field(True, description="endless rounds for multi-epoch runs")
+    pair_identities: bool = Field(True, description="reference = another image of the identity")
+    drop_last: bool = Field(False, description="finite runs: drop each worker's short last batch")
+    max_length: int = Field(77, ge=8, description="text tokens")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    index_cache: str | None = Field(
+        None,
+        description="local folder for shard tar indexes, shared by workers and later runs "
+        "(recommended for s3:// datasets, where indexing a tar reads most of it)",
+    )
+
+
+def node_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): arguments, else torch.distributed when initialised, else RANK and
+    WORLD_SIZE from the environment, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        found = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = found[0] if rank is None else rank
+    world_size = found[1] if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    return rank, world_size
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which shards each (round, node, worker) reads, and where a resumed run starts."""
+
+    counts: tuple[int, ...]  # kept samples per shard
+    node: int
+    nodes: int
+    workers: int  # >= 1; virtual workers, the DataLoader's with workers=0 being one
+    seed: int
+    resampled: bool
+    shuffle_shards: bool
+    batch_size: int
+    drop_last: bool
+
+    def shards(self, round_: int, worker: int) -> list[int]:
+        slots = self.nodes * self.workers
+        order: list[int] = []
+        for rep in itertools.count():
+            perm = list(range(len(self.counts)))
+            if self.shuffle_shards:
+                draw(self.seed, "shards", round_, rep).shuffle(perm)
+            order += perm
+            if not self.resampled or len(order) >= slots:
+                break
+        return order[self.node + self.nodes * worker :: slots]
+
+    def batches(self, worker: int) -> int:
+        """Batches of `worker` in a finite run."""
+        samples = sum(self.counts[i] for i in self.shards(0, worker))
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+    def resume(self, start_batch: int) -> tuple[int, tuple[int, ...]]:
+        """(worker playing the DataLoader's first worker, batches each worker skips)."""
+        w = self.workers
+
+        def owned(key: int, worker: int) -> int:  # worker's batches with round-robin key < key
+            return max(0, -(-(key - worker) // w))
+
+        if self.resampled:
+            return start_batch % w, tuple(owned(start_batch, v) for v in range(w))
+        sizes = [self.batches(v) for v in range(w)]
+        if start_batch >= sum(sizes):
+            return 0, tuple(sizes)
+
+        def before(key: int) -> int:
+            return sum(min(n, owned(key, v)) for v, n in enumerate(sizes))
+
+        lo, hi = 0, w * max(sizes)  # the round-robin key of batch start_batch
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if before(mid + 1) > start_batch else (mid + 1, hi)
+        return lo % w, tuple(min(n, owned(lo, v)) for v, n in enumerate(sizes))
+
+
+def shuffled(items: Iterator, size: int, rng) -> Iterator:
+    """A buffer shuffle: each item leaves at a random time within `size` items of arriving."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class FaceBatches(IterableDataset):
+    """Batches for one process of one node; see the module docstring for the order."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        schedule: Schedule,
+        config: LoaderConfig,
+        make_batch: Callable[[list[Item]], dict],
+        table: IdentityTable | None,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.urls, self.schedule, self.config = urls, schedule, config
+        self.make_batch, self.table = make_batch, table
+        self.rotation, self.skips = schedule.resume(start_batch)
+        self.by_shard = {shard_id(u): u for u in urls}
+        self.reader = ShardReader(config.index_cache)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical, count = (0, 1) if info is None else (info.id, info.num_workers)
+        if count != self.schedule.workers:
+            raise RuntimeError(f"planned for {self.schedule.workers} workers, running {count}")
+        worker = (self.rotation + physical) % count
+        batch: list[Item] = []
+        for round_, raw in self._raw(worker, self.skips[worker] * self.config.batch_size):
+            batch.append(self._pair(round_, raw))
+            if len(batch) == self.config.batch_size:
+                yield self.make_batch(batch)
+                batch = []
+        if batch and not self.config.drop_last:
+            yield self.make_batch(batch)
+
+    def _raw(self, worker: int, skip: int) -> Iterator[tuple[int, dict]]:
+        """(round, undecoded sample) from `skip` samples into this worker's stream."""
+        sched = self.schedule
+        for round_ in itertools.count() if sched.resampled else (0,):
+            shards = sched.shards(round_, worker)
+            total = sum(sched.counts[i] for i in shards)
+            if skip >= total:  # a whole round before the resume point: nothing to read
+                skip -= total
+                continue
+            rng = draw(sched.seed, "samples", round_, sched.node, worker)
+            source = tarfile_samples([{"url": self.urls[i]} for i in shards])
+            seen: Counter = Counter()
+            for raw in shuffled(source, self.config.shuffle_buffer, rng):
+                seen[raw["__url__"]] += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield round_, raw
+            expected = Counter({self.urls[i]: sched.counts[i] for i in shards})
+            if seen != expected:
+                log.warning("shard sample counts differ from their indexes: resume is inexact")
+
+    def _pair(self, round_: int, raw: dict) -> Item:
+        key = raw["__key__"]
+        members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        identity = self.table.identity_of(key) if self.table is not None else None
+        target = decode_sample(members, key, identity or f"unassigned-{key}")
+        choice = None
+        if self.table is not None and self.config.pair_identities:
+            choice = self.table.reference(key, self.config.seed, round_)
+        if choice is None:
+            return target, target, False
+        ref_key, ref_shard = choice
+        ref_members = self.reader.read(self.by_shard[ref_shard], ref_key)
+        return target, decode_sample(ref_members, ref_key, target.identity), True
+
+
+class ConsistentIDBatch:
+    """Items -> the ConsistentID batch dict (contracts: target, text, reference)."""
+
+    def __init__(self, tokenizer, config: LoaderConfig) -> None:
+        self.tokenizer, self.config = tokenizer, config
+
+    def __call__(self, items: list[Item]) -> dict:
+        cfg, size = self.config, self.config.resolution
+        targets, refs = [t for t, _, _ in items], [r for _, r, _ in items]
+        labels = np.stack([resize_label_map(t.label_map, size) for t in targets])
+        masks = np.stack([region_masks(label) for label in labels])
+        present = masks.any(axis=(2, 3))
+        ref_present = np.stack([region_masks(r.label_map).any(axis=(1, 2)) for r in refs])
+        texts, ids, positions = [], [], []
+        for t, both in zip(targets, present & ref_present, strict=True):
+            text = build_prompt(t.caption, t.facial, self.tokenizer, cfg.max_length)
+            input_ids, index = tokenize_facial(self.tokenizer, text, both, cfg.max_length)
+            texts.append(text)
+            ids.append(input_ids)
+            positions.append(index)
+        # Absent regions stay zero (the reference's padding), so only present ones are resized.
+        views = np.concatenate(
+            [np.stack([r.image for r in refs])]
+            + [
+                region_images(r.image, r.label_map)[p]
+                for r, p in zip(refs, ref_present, strict=True)
+            ]
+        )
+        clip = clip_preprocess(views, cfg.clip_size, cfg.clip_mean, cfg.clip_std)
+        regions = torch.zeros(len(refs), len(ref_present[0]), *clip.shape[1:])
+        regions[torch.from_numpy(ref_present)] = clip[len(refs) :]
+        return {
+            **_identity_fields(items),
+            "text": texts,
+            "pixel_values": to_unit_range(np.stack([t.image for t in targets]), size),
+            "foreground_mask": torch.from_numpy(labels != 0)[:, None].float(),
+            "region_masks": torch.from_numpy(masks).float(),
+            "region_present": torch.from_numpy(present),
+            "input_ids": torch.stack(ids),
+            "region_token_index": torch.stack(positions),
+            "ref_face_pixel_values": clip[: len(refs)],
+            "ref_region_pixel_values": regions,
+            "ref_region_present": torch.from_numpy(ref_present),
+            "ref_id_embeds": torch.from_numpy(np.stack([r.embedding for r in refs])),
+        }
+
+
+class FaceCLIPBatch:
+    """Items -> the FaceCLIP batch dict (contracts: reference face, target image and caption)."""
+
+    def __init__(self, config: LoaderConfig) -> None:
+        self.config = config
+
+    def __call__(self, items: list[Item]) -> dict:
+        cfg = self.config
+        targets, refs = [t for t, _, _ in items], [r for _, r, _ in items]
+        images = np.stack([t.image for t in targets])
+        faces = np.stack([arcface_crop(r.image, r.landmarks) for r in refs])
+        return {
+            **_identity_fields(items),
+            "caption": [t.caption for t in targets],
+            "ref_face_112": to_unit_range(faces, ARCFACE_SIZE),
+            "ref_id_embeds": torch.from_numpy(np.stack([r.embedding for r in refs])),
+            "pixel_values": to_unit_range(images, cfg.resolution),
+            "clip_pixel_values": clip_preprocess(
+                images, cfg.clip_size, cfg.clip_mean, cfg.clip_std
+            ),
+            "original_size": torch.tensor([t.image.shape[:2] for t in targets], dtype=torch.long),
+            "crop_top_left": torch.zeros(len(items), 2, dtype=torch.long),
+        }
+
+
+def _identity_fields(items: list[Item]) -> dict:
+    return {
+        "key": [t.key for t, _, _ in items],
+        "identity": [t.identity for t, _, _ in items],
+        "ref_key": [r.key for _, r, _ in items],
+        "has_reference": torch.tensor([has for _, _, has in items], dtype=torch.bool),
+    }
+
+
+def consistentid_loader(
+    dataset_url: str,
+    tokenizer,
+    config: LoaderConfig | None = None,
+    start_batch: int = 0,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """ConsistentID batches; adds FACIAL_TOKEN to `tokenizer` if it lacks it."""
+    config = config or LoaderConfig()
+    add_facial_token(tokenizer)
+    batcher = ConsistentIDBatch(tokenizer, config)
+    return _loader(dataset_url, config, batcher, start_batch, rank, world_size)
+
+
+def faceclip_loader(
+    dataset_url: str,
+    config: LoaderConfig | None = None,
+    start_batch: int = 0,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """FaceCLIP batches."""
+    config = config or LoaderConfig()
+    return _loader(dataset_url, config, FaceCLIPBatch(config), start_batch, rank, world_size)
+
+
+def face_batches(
+    dataset_url: str,
+    config: LoaderConfig,
+    make_batch: Callable[[list[Item]], dict],
+    start_batch: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> FaceBatches:
+    """The dataset behind both loaders, for a caller that builds its own DataLoader (which
+    must use batch_size=None and num_workers=config.workers)."""
+    if start_batch < 0:
+        raise ValueError("start_batch must be >= 0")
+    dataset_url = str(dataset_url)
+    node, nodes = node_rank(rank, world_size)
+    urls = shard_urls(dataset_url)
+    if not urls:
+        raise FileNotFoundError(f"no finished shards under {dataset_url}")
+    register(urls[0])
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(_kept_samples, urls))
+    table = None
+    if config.pair_identities or storage.exists(storage.join(dataset_url, "identities.parquet")):
+        table = IdentityTable.read(dataset_url, shards={shard_id(u) for u in urls})
+    # Shards with no kept sample are left out, so every slot of a round gets samples.
+    urls = [u for u, n in zip(urls, counts, strict=True) if n]
+    counts = [n for n in counts if n]
+    if not urls:
+        raise ValueError(f"{dataset_url} has no kept samples")
+    schedule = Schedule(
+        counts=tuple(counts),
+        node=node,
+        nodes=nodes,
+        workers=max(1, config.workers),
+        seed=config.seed,
+        resampled=config.resampled,
+        shuffle_shards=config.shuffle_shards,
+        batch_size=config.batch_size,
+        drop_last=config.drop_last,
+    )
+    log.info(
+        "%d shards, %d samples; rank %d of %d, %d workers, from batch %d",
+        len(urls), sum(counts), node, nodes, schedule.workers, start_batch,
+    )  # fmt: skip
+    return FaceBatches(urls, schedule, config, make_batch, table, start_batch)
+
+
+def _loader(dataset_url, config, make_batch, start_batch, rank, world_size) -> DataLoader:
+    dataset = face_batches(dataset_url, config, make_batch, start_batch, rank, world_size)
+    workers = config.workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=config.prefetch_factor if workers else None,
+    )
+
+
+def _kept_samples(tar_url: str) -> int:
+    """Kept samples of a shard, from its Parquet index (written with the tar, rewritten with it)."""
+    with storage.open_input(tar_url.removesuffix(".tar") + ".parquet") as handle:
+        status = pq.read_table(handle, columns=["status"])["status"]
+    return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
