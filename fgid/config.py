@@ -46,6 +46,16 @@ class AlignConfig(Section):
 class CaptionConfig(Section):
     max_new_tokens: int = 512
     batch_size: int = 8
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="how LLaVA runs: transformers (any device) or vllm (a CUDA GPU; "
+        "pip install vllm); the same prompts, greedy, on either",
+        # Part of the output hash: greedy answers can differ between engines (other kernels,
+        # other batching), so one output folder never mixes shards captioned by both. Left out
+        # of dumps when it is the default, so configs and hashes from before the setting existed
+        # stay the same and their builds still resume.
+        exclude_if=lambda engine: engine == "transformers",
+    )
 
 
 class GroupConfig(Section):
@@ -81,6 +91,10 @@ class BuildConfig(Section):
     shard_size: int = Field(1000, ge=1, description="inputs per shard")
     batch_size: int = Field(16, ge=1, description="images per stage call")
     workers: int = Field(1, ge=1, description="shards processed at once (Prefect task runner)")
+    prefetch_batches: int = Field(
+        2, ge=0, description="batches decoded ahead while the model stages run; 0 = in turn"
+    )
+    decode_workers: int = Field(4, ge=1, description="threads decoding the images of a batch")
     labels: str | None = Field(
         None, description="identity label file, lines '<file name> <identity>' (CelebA format)"
     )
@@ -110,7 +124,8 @@ class BuildConfig(Section):
         """Hash of every setting that changes what a shard contains (not how fast it is made).
 
         Recorded in every sample; a rerun with a different hash refuses to mix shards."""
-        data = self.model_dump(mode="json", exclude={"workers", "batch_size"})
+        speed = {"workers", "batch_size", "prefetch_batches", "decode_workers"}
+        data = self.model_dump(mode="json", exclude=speed)
         data["caption"].pop("batch_size")
         data["models"].pop("device")
         blob = json.dumps(data, sort_keys=True).encode()

@@ -10,12 +10,16 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from importlib.metadata import version
 
 import storage
 from fgid import progress
 from fgid.config import BuildConfig
-from fgid.inputs import ShardPlan, plan_shards, read_plan, write_plan
+from fgid.inputs import InputItem, ShardPlan, plan_shards, read_plan, write_plan
+from fgid.prefetch import ReadAhead, ThreadedDecodeStage
 from fgid.protocols import ModelSet
 from fgid.removal import without_removed
 from fgid.sample import Sample
@@ -39,7 +43,12 @@ class OutputMismatch(RuntimeError):
     """The output folder holds a build of other inputs or another configuration."""
 
 
-def build_stages(config: BuildConfig, models: ModelSet) -> list[Stage]:
+def build_stages(
+    config: BuildConfig,
+    models: ModelSet,
+    journal: str | None = None,
+    decode_pool: ThreadPoolExecutor | None = None,
+) -> list[Stage]:
     args = {
         DecodeStage: (config.decode,),
         DetectStage: (models.detector, config.detect),
@@ -47,9 +56,14 @@ def build_stages(config: BuildConfig, models: ModelSet) -> list[Stage]:
         ParseStage: (models.parser,),
         EmbedStage: (models.embedder,),
         AttributeStage: (models.attributes,),
-        CaptionStage: (models.captioner,),
+        CaptionStage: (models.captioner, config, journal),
     }
-    return [stage(*args[stage]) for stage in STAGE_ORDER]
+    stages = [stage(*args[stage]) for stage in STAGE_ORDER]
+    if decode_pool is None:
+        return stages
+    # The same decoding, the images of a batch side by side on the pool.
+    threaded = ThreadedDecodeStage(config.decode, decode_pool)
+    return [threaded if isinstance(s, DecodeStage) else s for s in stages]
 
 
 def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list[ShardPlan]:
@@ -125,33 +139,71 @@ def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: l
     }
 
 
+def load_batch(
+    shard: int,
+    decode: Stage,
+    prepare: Callable[[list], None] | None,
+    chunk: list[InputItem],
+) -> list[Sample]:
+    """One chunk's samples, decoded and, when the detector offers `prepare_batch`, pre-processed
+    for it; runs on the read-ahead thread while the model stages work on earlier batches."""
+    batch = [Sample(it.key, shard, it.source, it.label) for it in chunk]
+    decode(batch)
+    if prepare is not None:
+        prepare([s.image for s in batch if s.ok])
+    return batch
+
+
 def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: ModelSet) -> dict:
-    """Run every input of one shard through the stages and commit the shard. Returns its stats."""
+    """Run every input of one shard through the stages and commit the shard. Returns its stats.
+
+    Batches are decoded `config.prefetch_batches` ahead of the model stages (fgid.prefetch);
+    their order, and so the shard's bytes, is the plan's either way."""
     started = time.perf_counter()
-    stages = build_stages(config, models)
+    journal = shard_paths(str(out_dir), plan.shard_id)["journal"]
     unseen = regions_unseen(models.parser)
     writer = ShardWriter(str(out_dir), plan.shard_id)
+    size = config.batch_size
+    chunks = [plan.items[i : i + size] for i in range(0, len(plan.items), size)]
     try:
-        for start in range(0, len(plan.items), config.batch_size):
-            chunk = plan.items[start : start + config.batch_size]
-            batch = [Sample(it.key, plan.shard_id, it.source, it.label) for it in chunk]
-            for stage in stages:
-                stage(batch)
-            for sample in batch:
-                members = None
-                if sample.ok:
-                    meta = sample_meta(sample, models, config, unseen)
-                    members = encode_sample(sample, meta, config.align.jpeg_quality)
-                writer.add(sample, members)
-                sample.release()
+        with contextlib.ExitStack() as stack:
+            pool = None
+            if config.decode_workers > 1:
+                pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="fgid-decode")
+                stack.enter_context(pool)
+            stages = build_stages(config, models, journal, pool)
+            decode, model_stages = stages[0], stages[1:]
+            prepare = getattr(models.detector, "prepare_batch", None)
+            load = partial(load_batch, plan.shard_id, decode, prepare)
+            batches = stack.enter_context(ReadAhead(load, chunks, config.prefetch_batches))
+            loop_started = time.perf_counter()
+            for batch in batches:
+                for stage in model_stages:
+                    stage(batch)
+                for sample in batch:
+                    members = None
+                    if sample.ok:
+                        meta = sample_meta(sample, models, config, unseen)
+                        members = encode_sample(sample, meta, config.align.jpeg_quality)
+                    writer.add(sample, members)
+                    sample.release()
+            loop_seconds = time.perf_counter() - loop_started
         reasons = Counter(reason_code(r["reason"]) for r in writer.rows if r["reason"])
+        timings = {s.name: s.timing.as_dict() for s in stages}
+        # How long the model stages waited for decoded batches: on a GPU, its idle share.
+        timings[decode.name].update(
+            input_wait_seconds=round(batches.wait_seconds, 6),
+            input_wait_fraction=round(batches.wait_seconds / loop_seconds, 4)
+            if loop_seconds > 0
+            else None,
+        )
         stats = {
             "shard": plan.shard_id,
             "inputs": len(plan.items),
             "ok": sum(r["status"] == "ok" for r in writer.rows),
             "rejected": sum(r["status"] != "ok" for r in writer.rows),
             "reasons": dict(sorted(reasons.items())),
-            "stages": {s.name: s.timing.as_dict() for s in stages},
+            "stages": timings,
             "tar_bytes": writer.bytes_written,
             "tar_write_seconds": round(writer.write_seconds, 4),
             "wall_seconds": None,

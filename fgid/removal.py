@@ -4,7 +4,8 @@ Rows are deleted, not tombstoned (a source path can name a person); `removals/<i
 only keys, shards and content sha256s: proof of the removal, and what keeps a rebuild from adding
 them back. It is written "pending" first and "done" last, every file is replaced atomically, so
 an interrupted removal leaves whole files and the next removal completes it. Sources are paths or
-content sha256s (a requester's copy of a photo). Not to be run while a build writes the folder.
+content sha256s (a requester's copy of a photo). Caption journals a crashed build or caption run
+left behind lose the removed samples' captions too. Not to be run while a build writes the folder.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import storage
+from fgid.caption_journal import purge
 from fgid.card import write_card
 from fgid.config import BuildConfig
 from fgid.finalize import finalize
 from fgid.inputs import PLAN_FILE, ShardPlan, plans_from_table, sample_key, write_plan
 from fgid.schema import INDEX_SCHEMA, STATUS_OK, reason_code
-from fgid.writer import add_member, rewrite_tar, shard_paths
+from fgid.writer import JOURNAL_SUFFIX, add_member, rewrite_tar, shard_paths
 
 REMOVALS_DIR = "removals"
 PENDING, DONE = "pending", "done"
@@ -175,6 +177,7 @@ def _apply(out: str, record: dict, config: BuildConfig) -> dict:
         action = _clean_shard(out, shard_id, keys)
         if action:
             done[action].append(shard_id)
+    _purge_journals(out, keys)
     with storage.open_input(storage.join(out, PLAN_FILE)) as handle:
         plan = pq.read_table(handle)
     hit = _hits(plan, keys)
@@ -218,6 +221,15 @@ def _clean_shard(out: str, shard_id: int, keys: set[str]) -> str | None:
     stats.update(inputs=len(rows), ok=ok, rejected=len(rows) - ok, reasons=reasons)
     _write_json(paths["stats"], {**stats, "tar_bytes": tar_bytes})
     return "rewritten"
+
+
+def _purge_journals(out: str, keys: set[str]) -> None:
+    """Drop `keys` from the caption journals of unfinished shards and caption runs."""
+    from fgid.caption_run import CAPTIONS_DIR  # caption_run imports this module
+
+    journals = storage.list_files(storage.join(out, "shards"), f"[0-9]*{JOURNAL_SUFFIX}")
+    for url in journals + storage.list_files(storage.join(out, CAPTIONS_DIR), "*.jsonl"):
+        purge(url, keys)
 
 
 def _hits(table: pa.Table, keys: set[str]) -> pa.ChunkedArray:

@@ -3,7 +3,8 @@
 The stats file is written last and is the shard's commit point: a shard is done when its stats
 file exists. Each file is written under a temporary name and renamed, so a reader never sees a
 partial tar, and a shard rewritten after a crash is byte-identical (fixed tar headers, stable
-encoders, rows in plan order).
+encoders, rows in plan order). The shard's caption journal (fgid.stages.caption), which lets a
+rerun skip samples captioned before a crash, is deleted once the tar and index are in place.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ import storage
 from fgid.sample import Sample
 from fgid.schema import INDEX_SCHEMA, shard_name
 
+JOURNAL_SUFFIX = ".caption-journal.jsonl"
+
 
 def shard_paths(out_dir: str, shard_id: int) -> dict[str, str]:
     """Where shard `shard_id` lives under `out_dir` (a local path or a URL)."""
     base = storage.join(out_dir, "shards", shard_name(shard_id))
-    return {"tar": f"{base}.tar", "index": f"{base}.parquet", "stats": f"{base}.stats.json"}
+    return {
+        "tar": f"{base}.tar",
+        "index": f"{base}.parquet",
+        "stats": f"{base}.stats.json",
+        # Not a temporary name (those are deleted before a shard is redone): it must outlive one.
+        "journal": f"{base}{JOURNAL_SUFFIX}",
+    }
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -124,6 +133,10 @@ class ShardWriter:
         table = pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA)
         with storage.atomic_open(self.paths["index"]) as handle:
             pq.write_table(table, handle, compression="zstd")
+        # Its captions are in the tar now. Deleted just before the commit point, not after it: a
+        # deletion cut short after it would leave a stray file that no rerun revisits (the shard
+        # is done, and a retried task skips it); here the worst case is captioning one shard again.
+        storage.remove(self.paths["journal"])
         storage.atomic_write_text(self.paths["stats"], json.dumps(stats, indent=2, sort_keys=True))
 
     def abort(self) -> None:

@@ -3,7 +3,9 @@
 The real weights (InsightFace buffalo_l, BiSeNet, LLaVA-1.5) cannot be downloaded in CI, so
 tests build small seeded models that the real loading code accepts unchanged:
 - `build_insightface_pack`: det_10g.onnx / w600k_r50.onnx / genderage.onnx in InsightFace's
-  layout, with the signatures its model router sends to SCRFD / ArcFaceONNX / Attribute.
+  layout, with the signatures its model router sends to SCRFD / ArcFaceONNX / Attribute. The
+  detector has a fixed batch of 1 like the buffalo_l release; `batched_detector=True` gives it a
+  free batch axis and batch-first (N, anchors, C) outputs, as SCRFD exports with dynamic axes have.
 - `build_bisenet_weights`: facexlib's BiSeNet architecture with random weights.
 - `build_tiny_llava`: a LLaVA-1.5-shaped model, tokenizer and processor saved with save_pretrained.
 """
@@ -63,11 +65,12 @@ def _save_onnx(graph, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _detector_graph():
+def _detector_graph(batched: bool = False):
     """SCRFD-shaped graph: 9 outputs (scores, boxes, kps for strides 8/16/32, 2 anchors each).
 
     The score peaks at the centre anchor of stride 8 and is gated by the input's variance, so a
-    flat image has no face and a photo has exactly one."""
+    flat image has no face and a photo has exactly one. Batched: input (N, 3, H, W), each image
+    gated by its own variance, outputs (N, anchors, C); otherwise batch 1 and (anchors, C)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
@@ -86,9 +89,11 @@ def _detector_graph():
     const("two", f32(2.0))
     const("axis2", np.int64(2))
     const("axis3", np.int64(3))
-    const("shape_s", np.array([-1, 1], np.int64))
-    const("shape_b", np.array([-1, 4], np.int64))
-    const("shape_k", np.array([-1, 10], np.int64))
+    # Reshape's 0 copies the batch axis, so candidates stay per image.
+    lead = [0, -1] if batched else [-1]
+    const("shape_s", np.array([*lead, 1], np.int64))
+    const("shape_b", np.array([*lead, 4], np.int64))
+    const("shape_k", np.array([*lead, 10], np.int64))
     const("box_d", np.tile(np.array(DET_BOX, f32), 2))
     const("kps_d", np.tile(np.array(DET_KPS, f32).ravel(), 2))
     const("peak_gain", f32(DET_SCORE))
@@ -96,10 +101,11 @@ def _detector_graph():
     const("gate_gain", f32(1000.0))
 
     # Variance gate: 0 for a constant image, 1 for anything with texture.
-    node("ReduceMean", ["input.1"], "mean", keepdims=1)
+    per_image = {"axes": [1, 2, 3]} if batched else {}
+    node("ReduceMean", ["input.1"], "mean", keepdims=1, **per_image)
     node("Sub", ["input.1", "mean"], "centred")
     node("Mul", ["centred", "centred"], "sq")
-    node("ReduceMean", ["sq"], "var", keepdims=0)
+    node("ReduceMean", ["sq"], "var", keepdims=int(batched), **per_image)
     node("Mul", ["var", "gate_gain"], "var_gain")
     node("Clip", ["var_gain", "zero", "one"], "gate")
 
@@ -139,13 +145,14 @@ def _detector_graph():
         outputs["kps"].append(node("Reshape", [f"kps_m{s}", "shape_k"], f"kps_{s}"))
 
     width = {"score": 1, "bbox": 4, "kps": 10}
+    batch = ["N"] if batched else []
     graph_outputs = [
-        helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n_{name}", width[kind]])
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [*batch, f"n_{name}", width[kind]])
         for kind in ("score", "bbox", "kps")
         for name in outputs[kind]
     ]
     graph_input = helper.make_tensor_value_info(
-        "input.1", TensorProto.FLOAT, [1, 3, "height", "width"]
+        "input.1", TensorProto.FLOAT, ["N" if batched else 1, 3, "height", "width"]
     )
     return helper.make_graph(nodes, "tiny_scrfd", [graph_input], graph_outputs, inits)
 
@@ -176,12 +183,14 @@ def _linear_head_graph(name: str, side: int, pool: int, weight: np.ndarray, bias
     return helper.make_graph(nodes, name, [graph_input], [graph_output], inits)
 
 
-def build_insightface_pack(root: Path, name: str = INSIGHTFACE_NAME) -> Path:
+def build_insightface_pack(
+    root: Path, name: str = INSIGHTFACE_NAME, batched_detector: bool = False
+) -> Path:
     """Write `<root>/models/<name>/{det_10g,w600k_r50,genderage}.onnx`; return root."""
     pack = Path(root) / "models" / name
     pack.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
-    _save_onnx(_detector_graph(), pack / "det_10g.onnx")
+    _save_onnx(_detector_graph(batched_detector), pack / "det_10g.onnx")
     # ArcFace: 112x112 in, 512-d out; pooling to 14x14 keeps it input-dependent but tiny.
     rec_w = rng.normal(0.0, 0.1, size=(3 * 14 * 14, 512)).astype(np.float32)
     rec_b = np.zeros(512, np.float32)

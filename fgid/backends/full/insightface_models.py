@@ -3,20 +3,28 @@
 Uses InsightFace's own model classes (model_zoo routing, SCRFD decoding, norm_crop alignment,
 ArcFace blob preprocessing) so results match `FaceAnalysis("buffalo_l")`. InsightFace works on
 BGR images (its blobs swap channels back to RGB); the protocols pass RGB, so each backend
-converts once at the boundary.
+converts once at the boundary. An SCRFD export with a free batch axis runs a whole batch in one
+session call, letterboxed and decoded exactly as InsightFace's per-image `SCRFD.detect` does.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
+import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
+from fgid.backends.full.device import onnx_cuda_device, pinned_zeros, run_normalised
 from fgid.config import BuildConfig
 from fgid.protocols import Attributes, Detection
 
 logger = logging.getLogger(__name__)
+
+# Batches letterboxed ahead by `prepare_batch` and not yet detected; older ones are dropped.
+PREPARED_MAX = 8
 
 DETECTOR_FILE = "det_10g.onnx"
 RECOGNIZER_FILE = "w600k_r50.onnx"
@@ -73,8 +81,35 @@ def _batchable(model) -> bool:
     return not isinstance(batch, int) or batch != 1
 
 
+def letterbox(image: np.ndarray, size: tuple[int, int], out: np.ndarray) -> float:
+    """Fit `image` into a (width, height) canvas keeping its aspect ratio, top-left in the
+    zeroed `out`; return the scale. The rounding is SCRFD.detect's, so boxes match it."""
+    import cv2
+
+    width, height = size
+    ratio = float(image.shape[0]) / image.shape[1]
+    if ratio > float(height) / width:
+        new_h = height
+        new_w = int(new_h / ratio)
+    else:
+        new_w = width
+        new_h = int(new_w * ratio)
+    out[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+    return float(new_h) / image.shape[0]
+
+
+def scrfd_batchable(model) -> bool:
+    """A free input batch axis and batch-first (N, anchors, C) outputs: InsightFace's `batched`
+    SCRFD layout. The buffalo_l release has a fixed batch of 1 and (anchors, C) outputs."""
+    return _batchable(model) and bool(getattr(model, "batched", False))
+
+
 class InsightFaceDetector:
-    """SCRFD-10GF: all faces with 5 keypoints, per image (SCRFD runs one image at a time)."""
+    """SCRFD-10GF: all faces with 5 keypoints per image.
+
+    A model with a free batch axis runs each batch as one session call (canvases letterboxed
+    on the CPU, normalised on the session's device); a model fixed at batch 1 goes through
+    InsightFace's own per-image `detect`."""
 
     def __init__(self, pack: Path, providers: list, config: BuildConfig):
         self.model = load_model(pack / DETECTOR_FILE, providers, "SCRFD")
@@ -85,22 +120,134 @@ class InsightFaceDetector:
         # Candidates below min_score are dropped inside SCRFD, before NMS, as FaceAnalysis does.
         self.model.prepare(0, input_size=self.det_size, det_thresh=config.detect.min_score)
         self.name = f"insightface:{config.models.insightface_name}/{DETECTOR_FILE}"
+        # A model with a fixed input size ignores det_size, in SCRFD.detect as here.
+        height, width = self.model.input_shape[2:4]
+        fixed = isinstance(height, int) and isinstance(width, int)
+        self.canvas = (width, height) if fixed else self.det_size
+        self.cuda_device = onnx_cuda_device(self.model.session)
+        self._centres: dict[tuple[int, int, int], np.ndarray] = {}
+        self._prepared: deque = deque(maxlen=PREPARED_MAX)
+        self._lock = threading.Lock()
+        self.batched = scrfd_batchable(self.model) and self._batch_matches_single()
+        logger.info(
+            "SCRFD %s: %s", pack / DETECTOR_FILE, "batched" if self.batched else "one image a call"
+        )
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        results = []
-        for image in images:
-            boxes, kpss = self.model.detect(_bgr(image), input_size=self.det_size)
-            results.append(
-                [
-                    Detection(
-                        box=boxes[i, :4].astype(np.float32),
-                        score=float(boxes[i, 4]),
-                        landmarks=kpss[i].astype(np.float32),
-                    )
-                    for i in range(boxes.shape[0])
-                ]
-            )
-        return results
+        if not self.batched:
+            return [self._detect_one(image) for image in images]
+        if not images:
+            return []
+        batch, pinned, scales = self._take_prepared(images) or self._letterbox(images)
+        outputs = self._run(batch, pinned)
+        return [self._decode(outputs, i, scale) for i, scale in enumerate(scales)]
+
+    def prepare_batch(self, images: list[np.ndarray]) -> None:
+        """Letterbox `images` now (a loader thread calls this ahead of the model stages) for the
+        `detect` call that receives these same image objects. Never raises: an image it cannot
+        prepare is left to `detect`, where its failure becomes that sample's rejection."""
+        if not self.batched or not images:
+            return
+        try:
+            prepared = self._letterbox(images)
+        except Exception:  # noqa: BLE001 - detect() meets the same error and reports it
+            logger.debug("could not letterbox a batch ahead; detect will", exc_info=True)
+            return
+        with self._lock:
+            self._prepared.append((list(images), prepared))
+
+    def _detect_one(self, image: np.ndarray) -> list[Detection]:
+        boxes, kpss = self.model.detect(_bgr(image), input_size=self.det_size)
+        return _detections(boxes, kpss)
+
+    def _take_prepared(self, images: list[np.ndarray]):
+        with self._lock:
+            for entry in self._prepared:
+                held, prepared = entry
+                if len(held) == len(images) and all(map(operator.is_, held, images)):
+                    self._prepared.remove(entry)
+                    return prepared
+        return None
+
+    def _letterbox(self, images: list[np.ndarray]):
+        width, height = self.canvas
+        batch, pinned = pinned_zeros((len(images), height, width, 3), self.cuda_device is not None)
+        # RGB in, RGB canvas: InsightFace letterboxes BGR and swaps to RGB in its blob, and the
+        # resize treats channels alike, so the canvas is the same.
+        scales = [letterbox(image, self.canvas, batch[i]) for i, image in enumerate(images)]
+        return batch, pinned, scales
+
+    def _run(self, batch: np.ndarray, pinned: object) -> list[np.ndarray]:
+        m = self.model
+        return run_normalised(m.session, batch, pinned, m.input_mean, m.input_std, self.cuda_device)
+
+    def _batch_matches_single(self) -> bool:
+        """Whether the batch axis really is free: image 1 of a two-image batch must come out as
+        it does alone (some exports declare a free axis over a graph built for one image)."""
+        width, height = self.canvas
+        pair = np.zeros((2, height, width, 3), np.uint8)
+        pair[0] = np.random.default_rng(0).integers(0, 256, pair.shape[1:], dtype=np.uint8)
+        pair[1] = 96  # a flat image: it must not pick up its neighbour's response
+        try:
+            together = self._run(pair, None)
+            alone = self._run(pair[1:], None)
+        except Exception as error:  # noqa: BLE001 - any failure means: run one image a call
+            logger.warning("SCRFD batch probe failed (%s); detecting one image a call", error)
+            return False
+        same = all(
+            t.shape[0] == 2 and np.allclose(t[1], a[0], rtol=1e-2, atol=1e-3)
+            for t, a in zip(together, alone, strict=True)
+        )
+        if not same:
+            logger.warning("SCRFD outputs mix the images of a batch; detecting one image a call")
+        return same
+
+    def _anchor_centres(self, rows: int, cols: int, stride: int) -> np.ndarray:
+        key = (rows, cols, stride)
+        if key not in self._centres:
+            ys, xs = np.mgrid[:rows, :cols]
+            centres = np.stack([xs, ys], axis=-1).astype(np.float32).reshape(-1, 2) * stride
+            # Anchors of one location are consecutive in SCRFD's outputs.
+            self._centres[key] = np.repeat(centres, self.model._num_anchors, axis=0)
+        return self._centres[key]
+
+    def _decode(self, outputs: list[np.ndarray], i: int, scale: float) -> list[Detection]:
+        """Image i of a batched SCRFD output -> its faces, as SCRFD.detect computes them:
+        anchors per stride, score threshold, distance2bbox/kps, sort by score, NMS."""
+        from insightface.model_zoo.scrfd import distance2bbox, distance2kps
+
+        m = self.model
+        width, height = self.canvas
+        levels = len(m._feat_stride_fpn)
+        scores, boxes, points = [], [], []
+        for level, stride in enumerate(m._feat_stride_fpn):
+            score = outputs[level][i]
+            keep = np.where(score >= m.det_thresh)[0]
+            centres = self._anchor_centres(height // stride, width // stride, stride)[keep]
+            box = outputs[level + levels][i][keep] * stride
+            kps = outputs[level + 2 * levels][i][keep] * stride
+            scores.append(score[keep])
+            boxes.append(distance2bbox(centres, box))
+            points.append(distance2kps(centres, kps).reshape(len(keep), kps.shape[1] // 2, 2))
+        score = np.vstack(scores)
+        if score.size == 0:
+            return []
+        order = np.argsort(-score.ravel(), kind="stable")
+        dets = np.hstack((np.vstack(boxes) / scale, score)).astype(np.float32, copy=False)[order]
+        kpss = (np.vstack(points) / scale)[order]
+        keep = m.nms(dets)
+        return _detections(dets[keep], kpss[keep])
+
+
+def _detections(boxes: np.ndarray, kpss: np.ndarray) -> list[Detection]:
+    return [
+        Detection(
+            box=boxes[i, :4].astype(np.float32),
+            score=float(boxes[i, 4]),
+            landmarks=kpss[i].astype(np.float32),
+        )
+        for i in range(boxes.shape[0])
+    ]
 
 
 class InsightFaceEmbedder:
