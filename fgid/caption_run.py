@@ -81,6 +81,9 @@ def plan_run(config: BuildConfig, fields: dict[str, str], replace: bool = False)
     fields = check_fields(fields)
     source = captioner_source(config)
     settings = {} if source == "template" else {"max_new_tokens": config.caption.max_new_tokens}
+    if source != "template" and config.caption.engine != "transformers":
+        # Greedy answers can differ between engines: another engine is another run.
+        settings["engine"] = config.caption.engine
     blob = json.dumps({"source": source, "fields": fields, "settings": settings}, sort_keys=True)
     slug = re.sub(r"[^a-z0-9]+", "-", source.lower()).strip("-")[-40:]
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]

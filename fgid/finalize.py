@@ -90,12 +90,16 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: Bui
     plan = read_plan(out_dir)
     done = storage.list_files(storage.join(out_dir, "shards"), "*.stats.json")
     stage_totals: dict[str, list[float]] = {}
+    waited = looped = 0.0
     for url in done:
         stats = json.loads(storage.read_text(url))
         for name, t in stats["stages"].items():
             acc = stage_totals.setdefault(name, [0.0, 0])
             acc[0] += t["seconds"]
             acc[1] += t["images"]
+            # Shards built before read-ahead existed carry neither figure.
+            waited += t.get("input_wait_seconds", 0.0)
+            looped += t.get("model_loop_seconds", 0.0)
     # An identity is recognizable when it has two or more distinct images (duplicates excluded).
     distinct = Counter(
         r["identity"] for r in identities if not r["duplicate_of"] and not r["near_duplicate_of"]
@@ -141,6 +145,11 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: Bui
                 "images_per_s": round(n / s, 2) if s else None,
             }
             for name, (s, n) in stage_totals.items()
+        },
+        # Time the model stages spent waiting for decoded input: on a GPU, its idle share.
+        "model_input_wait": {
+            "seconds": round(waited, 3),
+            "fraction": round(waited / looped, 4) if looped else None,
         },
         "config_hash": config.output_hash(),
     }

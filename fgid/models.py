@@ -25,7 +25,10 @@ def load_model_set(config: BuildConfig) -> ModelSet:
 
 
 def _key(config: BuildConfig) -> str:
-    return config.models.model_dump_json() + config.detect.model_dump_json()
+    # Everything a backend reads at load time: a set loaded for another caption engine or
+    # generation length must not be lent to this build.
+    sections = (config.models, config.detect, config.caption)
+    return "".join(section.model_dump_json() for section in sections)
 
 
 @contextlib.contextmanager

@@ -193,6 +193,7 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
         # How long the model stages waited for decoded batches: on a GPU, its idle share.
         timings[decode.name].update(
             input_wait_seconds=round(batches.wait_seconds, 6),
+            model_loop_seconds=round(loop_seconds, 6),
             input_wait_fraction=round(batches.wait_seconds / loop_seconds, 4)
             if loop_seconds > 0
             else None,

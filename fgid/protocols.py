@@ -42,7 +42,10 @@ class FaceDetector(Protocol):
     name: str
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        """RGB uint8 HxWx3 images -> all faces found in each, any order."""
+        """RGB uint8 HxWx3 images -> all faces found in each, any order.
+
+        Optional: a detector may also offer `prepare_batch(images)`, which the read-ahead thread
+        calls on the next batch (letterboxing, host-side tensors) so `detect` finds it ready."""
         ...
 
 
@@ -88,7 +91,10 @@ class Captioner(Protocol):
         """Aligned RGB crops + one prompt -> one raw answer per image.
 
         `hints` carries what earlier stages found (age, gender, regions); a VLM ignores it, the
-        template captioner is built from it."""
+        template captioner is built from it.
+
+        Optional: a captioner may also offer `caption_many(images, prompts, hints)` (one answer
+        list per prompt), so an engine that batches across prompts gets them in one call."""
         ...
 
 

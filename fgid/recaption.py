@@ -41,6 +41,7 @@ from fgid.caption_run import (
 from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
 from fgid.protocols import Captioner
+from fgid.stages.caption import caption_fields
 from fgid.writer import add_member, rewrite_tar, shard_paths
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _caption_batch(batch: list, captioner: Captioner, run: CaptionRun, journal: 
         return
     images = [_rgb(m["jpg"]) for _, m in todo]
     hints = [_hints(json.loads(m["json"])) for _, m in todo]
-    texts = {name: captioner.caption(images, prompt, hints) for name, prompt in run.fields.items()}
+    texts = caption_fields(captioner, images, run.fields, hints)
     journal.add({key: {n: texts[n][i] for n in run.fields} for i, (key, _) in enumerate(todo)})
 
 

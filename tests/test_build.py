@@ -123,6 +123,8 @@ def test_summary_reports_identities_duplicates_and_distributions(built):
     assert summary["identities"]["recognizable"] >= 1
     assert summary["regions_present"]["ears"] == 0  # the lite parser cannot see ears
     assert summary["regions_present"]["eyes"] == summary["samples"]
+    wait = summary["model_input_wait"]
+    assert wait["seconds"] >= 0 and 0 <= wait["fraction"] <= 1
 
 
 def test_rerun_skips_done_shards_and_refuses_other_settings(built, demo_inputs, lite_config):
