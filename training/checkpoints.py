@@ -63,10 +63,12 @@ def save_checkpoint(
     """Save Accelerate's state as `checkpoint-{step}`; returns the folder (None off the main
     process). `state` (JSON) is the trainer's own bookkeeping: step, samples seen, config."""
     final = checkpoint_dir(output_dir, step)
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, limit)
+        # Every process writes its own RNG state into it: it must exist before any does.
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
     )
     seed: int = 0
     log_every: int = Field(10, ge=1)
+    find_unused_parameters: bool = Field(
+        False, description="multi-GPU: let DDP skip trainable parts a batch did not use"
+    )
 
 
 @dataclass
@@ -80,7 +83,7 @@ def _batch_size(batch: dict) -> int:
 
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     mixed = config.mixed_precision
     if mixed == "fp16" and not torch.cuda.is_available():
@@ -89,6 +92,9 @@ def _accelerator(config: TrainConfig):
         mixed_precision=mixed,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=config.output_dir),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)
+        ],
     )
 
 
@@ -150,7 +156,11 @@ def train(
         return result
 
     accum = config.gradient_accumulation_steps
-    batches = iter(make_batches(step * accum))
+    # Data loading must not draw from the training RNG: a DataLoader iterator takes its base
+    # seed from torch's global generator when it starts, which a resumed run does at another
+    # moment than an uninterrupted one, shifting every later noise draw.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(make_batches(step * accum))
     metrics = (output_dir / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     model.train()
     started = time.perf_counter()
@@ -160,7 +170,8 @@ def train(
         while step < config.max_steps:
             t0 = time.perf_counter()
             try:
-                batch = next(batches)
+                with torch.random.fork_rng(devices=[]):  # see above
+                    batch = next(batches)
             except StopIteration:
                 log.info("the data stream ended at step %d", step)
                 break

@@ -99,6 +99,26 @@ def test_resume_continues_same_step_same_data_same_losses(tmp_path):
     assert rest.losses == pytest.approx(full.losses[8:], rel=1e-5)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return _batches(self.start)
+
+
+def _loader(start: int):
+    """A real DataLoader: starting its iterator draws a base seed from torch's global RNG."""
+    return torch.utils.data.DataLoader(_Stream(start), batch_size=None)
+
+
+def test_resume_through_a_dataloader_keeps_the_training_rng(tmp_path):
+    full = train(Regressor(), _step([]), _loader, _config(tmp_path / "full"))
+    train(Regressor(), _step([]), _loader, _config(tmp_path / "run", max_steps=8))
+    rest = train(Regressor(), _step([]), _loader, _config(tmp_path / "run"))
+    assert rest.losses == pytest.approx(full.losses[8:], rel=1e-5)
+
+
 def test_finished_run_does_not_train_again(tmp_path):
     train(Regressor(), _step([]), _batches, _config(tmp_path, max_steps=4))
     seen: list[int] = []

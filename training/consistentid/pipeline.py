@@ -1,0 +1,167 @@
+"""ConsistentID inference: DDIM with classifier-free guidance and the delayed merge step.
+
+Steps before `merge_step` are conditioned on the text without facial markers plus the ID tokens;
+from `merge_step` on, on the text with the region features fused in (plus the ID tokens). The
+reference starts fusing one step later (it compares `i <= merge_step`); here `merge_step=0` fuses
+from the first step and `merge_step=steps` never does. The negative branch is what training's
+condition drop shows the model: the (negative) prompt unfused, zero images, zero ID embedding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.consistentid.config import ModelOptions
+from training.consistentid.model import ConsistentID, load_frozen
+
+WEIGHTS = "consistentid.safetensors"  # export
+CHECKPOINT_WEIGHTS = "model.safetensors"  # Accelerate's checkpoint of the same state dict
+CONFIG = "consistentid.json"
+
+
+def _find(folder: Path, names: tuple[str, ...]) -> Path:
+    for place in (folder, folder.parent):
+        for name in names:
+            if (place / name).is_file():
+                return place / name
+    raise FileNotFoundError(f"none of {names} in {folder} or its parent")
+
+
+def load_weights(model: ConsistentID, weights: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(_find(Path(weights), (WEIGHTS, CHECKPOINT_WEIGHTS))))
+    model.load_state_dict(state)
+
+
+class ConsistentIDGenerator:
+    """training.evaluation.protocols.Generator for a trained ConsistentID."""
+
+    def __init__(
+        self,
+        model: ConsistentID,
+        base_model: str,
+        steps: int = 50,
+        guidance_scale: float = 5.0,
+        merge_step: int = 30,
+        height: int = 512,
+        width: int = 512,
+        negative_prompt: str = "",
+        name: str = "consistentid",
+    ):
+        from diffusers import DDIMScheduler
+
+        self.model, self.name = model, name
+        self.steps, self.guidance_scale, self.merge_step = steps, guidance_scale, merge_step
+        self.height, self.width, self.negative_prompt = height, width, negative_prompt
+        self.scheduler = DDIMScheduler.from_pretrained(base_model, subfolder="scheduler")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str,
+        weights: str | Path,
+        image_encoder: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **settings,
+    ) -> ConsistentIDGenerator:
+        """`weights`: an exported `final/` folder or a `checkpoint-{step}` folder of a run.
+        `settings`: steps, guidance_scale, merge_step, height, width, negative_prompt, name."""
+        config = json.loads(_find(Path(weights), (CONFIG,)).read_text())
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):  # from YAML or --set: "bfloat16"
+            dtype = getattr(torch, dtype)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        frozen = load_frozen(base_model, image_encoder or config.get("image_encoder"))
+        model = ConsistentID(frozen, config["id_dim"], ModelOptions(**config["options"]))
+        load_weights(model, weights)
+        model.to(device=device, dtype=dtype).eval()
+        return cls(model, base_model, **settings)
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def _reference_inputs(self, reference) -> dict[str, torch.Tensor]:
+        from training.regions import clip_preprocess, region_images, region_masks
+
+        frozen = self.model.frozen
+        size = frozen.image_encoder.config.image_size
+        present = region_masks(reference.label_map).reshape(5, -1).any(axis=1)
+        face = clip_preprocess(reference.image, size, frozen.image_mean, frozen.image_std)
+        regions = clip_preprocess(
+            region_images(reference.image, reference.label_map),
+            size,
+            frozen.image_mean,
+            frozen.image_std,
+        )
+        regions[torch.from_numpy(~present)] = 0.0
+        return {
+            "face": face[None],
+            "regions": regions[None],
+            "present": torch.from_numpy(present)[None],
+            "embedding": torch.as_tensor(np.asarray(reference.embedding, np.float32))[None],
+        }
+
+    def _ids(self, text: str) -> torch.Tensor:
+        tokens = self.model.frozen.tokenizer(
+            text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
+        return tokens.input_ids
+
+    @torch.no_grad()
+    def conditions(self, reference, prompt: str) -> dict[str, torch.Tensor]:
+        """The three UNet conditionings of one generation: negative, text + ID, fused + ID."""
+        from training.text import build_inference_prompt, tokenize_facial
+
+        model, device = self.model, self.model.empty_ids.device
+        tokenizer = model.frozen.tokenizer
+        ref = {k: v.to(device) for k, v in self._reference_inputs(reference).items()}
+        text = build_inference_prompt(prompt, tokenizer=tokenizer)
+        ids, index = tokenize_facial(tokenizer, text, ref["present"][0].tolist())
+        plain_ids, none = tokenize_facial(tokenizer, text, [False] * 5)
+        images = (ref["face"], ref["regions"], ref["present"], ref["embedding"])
+        fused = model.condition(ids[None].to(device), index[None].to(device), *images)
+        text_only = model.condition(plain_ids[None].to(device), none[None].to(device), *images)
+        negative = model.condition(
+            self._ids(self.negative_prompt).to(device),
+            none[None].to(device),
+            torch.zeros_like(ref["face"]),
+            torch.zeros_like(ref["regions"]),
+            torch.zeros_like(ref["present"]),
+            torch.zeros_like(ref["embedding"]),
+        )
+        return {"negative": negative, "text": text_only, "fused": fused}
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, reference, prompt: str, seed: int, merge_step: int | None = None
+    ) -> Image.Image:
+        merge_step = self.merge_step if merge_step is None else merge_step
+        conds = self.conditions(reference, prompt)
+        frozen, scheduler = self.model.frozen, self.scheduler
+        unet, vae = frozen.unet, frozen.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (1, unet.config.in_channels, self.height // factor, self.width // factor)
+        # Noise drawn on the CPU: the same seed gives the same image on any device.
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(shape, generator=generator).to(unet.device)
+        scheduler.set_timesteps(self.steps, device=unet.device)
+        latents = latents * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            cond = conds["text"] if i < merge_step else conds["fused"]
+            inputs = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            cond = torch.cat([conds["negative"], cond]).to(unet.dtype)
+            eps = unet(inputs.to(unet.dtype), t, cond).sample.float()
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample[0]
+        array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
+        return Image.fromarray(array.cpu().numpy())
