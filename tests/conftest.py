@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# The training fixtures (a real lite build, tiny model folders) serve tests/training and the
+# training flows in tests/flows alike; registered here so both see one session-wide copy.
+pytest_plugins = ["tests.training.fixtures"]
+
 # Tests never reach a model hub or send analytics.
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

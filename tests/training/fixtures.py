@@ -1,4 +1,5 @@
-"""Training fixtures: a real lite build to stream from, and tiny model folders built offline."""
+"""Training fixtures (registered for every test by tests/conftest.py): a real lite build to stream
+from, and tiny model folders built offline."""
 
 from __future__ import annotations
 
