@@ -14,40 +14,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.cli_common import ConfigOpt, ModelsOpt, SetOpt, console, parse_overrides
+from flows.cli_train import evaluate_cmd, train_app
+
 app = typer.Typer(
     help="Build FGID-style fine-grained face datasets (webdataset shards + Parquet index).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# soft_wrap: long paths in messages stay on one line (users grep them, tests read them).
-console = Console(stderr=True, soft_wrap=True)
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, object]:
-    import yaml
-
-    overrides = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(
-                f"expected section.field=value, got {pair!r}", param_hint="--set"
-            )
-        key, value = pair.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 # Options shared by `build` and `serve`: what to build and with which settings.
 InputsArg = Annotated[
     list[str], typer.Argument(help="Image folders, image files, or .txt lists of paths (or s3://).")
-]
-ModelsOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Model set: 'full' (InsightFace, BiSeNet, LLaVA; the default) "
-        "or 'lite' (CPU, offline)."
-    ),
 ]
 ShardSizeOpt = Annotated[int | None, typer.Option(help="Inputs per shard; default 1000.")]
 BatchSizeOpt = Annotated[int | None, typer.Option(help="Images per model call; default 16.")]
@@ -56,10 +34,6 @@ LabelsOpt = Annotated[
     str | None,
     typer.Option(help="Identity labels, '<file name> <identity>' lines (CelebA format)."),
 ]
-ConfigOpt = Annotated[Path | None, typer.Option(help="YAML config; flags and --set override it.")]
-SetOpt = Annotated[
-    list[str], typer.Option("--set", help="Override any setting: --set detect.min_face_size=64")
-]
 
 
 def _build_config(config, set_, **flags):
@@ -67,7 +41,7 @@ def _build_config(config, set_, **flags):
     from fgid.config import BuildConfig
 
     cfg = BuildConfig.from_yaml(config) if config else BuildConfig()
-    overrides = _parse_overrides(set_)
+    overrides = parse_overrides(set_)
     names = {"models": "models.set"}
     overrides.update({names.get(k, k): v for k, v in flags.items() if v is not None})
     return cfg.with_overrides(**overrides)
@@ -415,223 +389,6 @@ def export_consistentid_cmd(
         )
 
 
-# --- training and evaluation ---------------------------------------------------------------
-
-
-def _typed_config(model_cls, config: Path | None, set_: list[str], **flags):
-    """YAML (if any), then --set overrides, then the explicit flags, validated as `model_cls`.
-
-    Flags are given as dotted names, e.g. train.max_steps; a None flag was not given."""
-    import yaml
-    from pydantic import ValidationError
-
-    data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config else {}
-    overrides = _parse_overrides(set_)
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise typer.BadParameter(f"{dotted}: {part} is not a section", param_hint="--set")
-        node[leaf] = value
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as error:
-        raise typer.BadParameter(str(error), param_hint="--config / --set / flags") from None
-
-
-train_app = typer.Typer(help="Train a model on a built dataset.", no_args_is_help=True)
-app.add_typer(train_app, name="train")
-
-DatasetOpt = Annotated[
-    str | None, typer.Option("--dataset", help="A built dataset: folder or s3:// URL.")
-]
-OutputDirOpt = Annotated[
-    str | None,
-    typer.Option(help="Checkpoints, metrics.jsonl and final/ (train.output_dir); rerun resumes."),
-]
-BaseModelOpt = Annotated[
-    str | None, typer.Option(help="Diffusers base model: hub name or local folder.")
-]
-MaxStepsOpt = Annotated[int | None, typer.Option(help="Optimiser steps (train.max_steps).")]
-TrainBatchOpt = Annotated[int | None, typer.Option(help="Samples per batch (loader.batch_size).")]
-PrefectOpt = Annotated[
-    bool, typer.Option(help="Run as a Prefect flow (a temporary local server if none is set).")
-]
-
-
-def _train(kind: str, cfg, prefect: bool) -> None:
-    from flows.secrets import load_storage_secret
-    from storage.credentials import check_url
-
-    load_storage_secret()
-    try:
-        check_url(cfg.dataset_url)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--dataset") from None
-    console.print(
-        f"[bold]fgid train {kind}[/]: {escape(cfg.dataset_url)} -> "
-        f"{escape(str(cfg.train.output_dir))}, {cfg.train.max_steps} steps"
-    )
-    if prefect:
-        import flows.train as train_flows
-
-        flow = {"consistentid": train_flows.train_consistentid,
-                "faceclip": train_flows.train_faceclip}[kind]  # fmt: skip
-        report = flow(config=cfg)
-    else:
-        from flows.train import train_report  # plain Python: no flow run is started
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        if kind == "consistentid":
-            from training.consistentid.train import train_consistentid as run
-        else:
-            from training.faceclip.train import train_faceclip as run
-        report = train_report(run(cfg))
-    table = Table(title=f"fgid train {kind}", show_header=False)
-    for row in report["rows"]:
-        table.add_row(row["metric"], str(row["value"]))
-    Console().print(table)
-
-
-@train_app.command("consistentid")
-def train_consistentid_cmd(
-    config: ConfigOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    base_model: BaseModelOpt = None,
-    max_steps: MaxStepsOpt = None,
-    batch_size: TrainBatchOpt = None,
-    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
-    prefect: PrefectOpt = True,
-) -> None:
-    """Train ConsistentID (SD 1.5, frozen UNet) on a built dataset; rerun to resume."""
-    from training.consistentid.train import ConsistentIDTrainConfig
-
-    cfg = _typed_config(ConsistentIDTrainConfig, config, set_, dataset_url=dataset,
-                        base_model=base_model, **{"train.output_dir": output_dir,
-                        "train.max_steps": max_steps, "loader.batch_size": batch_size})  # fmt: skip
-    _train("consistentid", cfg, prefect)
-
-
-@train_app.command("faceclip")
-def train_faceclip_cmd(
-    config: ConfigOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    base_model: BaseModelOpt = None,
-    max_steps: MaxStepsOpt = None,
-    batch_size: TrainBatchOpt = None,
-    stage: Annotated[
-        str | None,
-        typer.Option(help="'align' (encoder pre-training) or 'sdxl' (UNet fine-tune)."),
-    ] = None,
-    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
-    prefect: PrefectOpt = True,
-) -> None:
-    """Train FaceCLIP: encoder pre-training ('align') or the SDXL fine-tune ('sdxl')."""
-    from training.faceclip.train import FaceCLIPTrainConfig
-
-    cfg = _typed_config(FaceCLIPTrainConfig, config, set_, dataset_url=dataset,
-                        base_model=base_model, stage=stage, **{"train.output_dir": output_dir,
-                        "train.max_steps": max_steps, "loader.batch_size": batch_size})  # fmt: skip
-    _train("faceclip", cfg, prefect)
-
-
-@app.command("evaluate")
-def evaluate_cmd(
-    dataset: Annotated[str, typer.Argument(help="A built dataset: its identities are references.")],
-    out: Annotated[
-        str,
-        typer.Option("--out", "-o", help="Folder or s3:// URL for images and tables (resumes)."),
-    ],
-    generator: Annotated[
-        str | None, typer.Option(help="'text-only' (default), 'consistentid' or 'faceclip'.")
-    ] = None,
-    base_model: BaseModelOpt = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Trained weights: an exported or checkpoint folder.")
-    ] = None,
-    identities: Annotated[
-        int | None, typer.Option(help="Evaluate this many identities; default all.")
-    ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Prompt file (category<TAB>prompt); default the paper's 45.")
-    ] = None,
-    category: Annotated[
-        list[str], typer.Option("--category", help="Only this prompt category (repeatable).")
-    ] = [],  # noqa: B006 - typer needs a list default
-    per_category: Annotated[
-        int | None, typer.Option(help="Only the first N prompts of each category.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Generation seed; default 0.")] = None,
-    models: ModelsOpt = None,
-    clip: Annotated[
-        str | None, typer.Option(help="CLIP for CLIP-T/CLIP-I: hub name or folder.")
-    ] = None,
-    dino: Annotated[
-        str | None, typer.Option(help="DINO ViT for DINO/FGIS: hub name or folder.")
-    ] = None,
-    fid: Annotated[
-        str | None, typer.Option(help="FID features: 'inception' (default), 'dino' or 'none'.")
-    ] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
-    prefect: PrefectOpt = True,
-) -> None:
-    """Generate each identity once per evaluation prompt and score CLIP-T, CLIP-I, DINO, FaceSim,
-    FGIS, FID and seconds per image; tables go to OUT as Parquet."""
-    from flows.secrets import load_storage_secret
-    from storage.credentials import check_url
-    from training.evaluation.config import EvaluateConfig
-
-    load_storage_secret()
-    try:
-        for url in (dataset, out):
-            check_url(url)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="DATASET / --out") from None
-    flags = {
-        "dataset_url": dataset, "out_dir": out, "generator.kind": generator,
-        "generator.base_model": base_model, "generator.weights": weights,
-        "identities": identities, "prompts": str(prompts) if prompts else None,
-        "categories": category or None, "per_category": per_category, "seed": seed,
-        "metrics.faces.set": models, "metrics.clip": clip, "metrics.dino": dino,
-        "metrics.fid": fid,
-    }  # fmt: skip
-    cfg = _typed_config(EvaluateConfig, config, set_, **flags)
-    console.print(
-        f"[bold]fgid evaluate[/]: {cfg.generator.kind} on {escape(cfg.dataset_url)} -> "
-        f"{escape(cfg.out_dir)}"
-    )
-    if prefect:
-        from flows.train import evaluate as evaluate_flow
-
-        summary = evaluate_flow(config=cfg)["summary"]
-    else:
-        from training.evaluation.run import run_evaluation
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        result = run_evaluation(cfg)
-        console.print(f"{result.generated} images generated, {result.reused} reused")
-        summary = result.summary
-    _print_evaluation(summary, cfg.out_dir)
-
-
-def _print_evaluation(summary: list[dict], out: str) -> None:
-    from flows.train import evaluation_table
-
-    rows = evaluation_table(summary)
-    table = Table(title=f"Evaluation {out}")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("n/a" if v is None else str(v) for v in row.values()))
-    Console().print(table)
-
-
 @app.command("samples")
 def samples_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the demo photos into.")],
@@ -641,6 +398,10 @@ def samples_cmd(
 
     files = write_samples(folder)
     console.print(f"wrote {len(files)} files to {folder}")
+
+
+app.add_typer(train_app, name="train")
+app.command("evaluate")(evaluate_cmd)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
@@ -79,6 +80,9 @@ class LoaderConfig(BaseModel):
     drop_last: bool = Field(False, description="finite runs: drop each worker's short last batch")
     max_length: int = Field(77, ge=8, description="text tokens")
     prefetch_factor: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    start_method: Literal["spawn", "forkserver", "fork"] = Field(
+        "spawn", description="how worker processes start (see _worker_context)"
+    )
     index_cache: str | None = Field(
         None,
         description="local folder for shard tar indexes, shared by workers and later runs "
@@ -407,7 +411,20 @@ def _loader(dataset_url, config, make_batch, start_batch, rank, world_size) -> D
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=config.prefetch_factor if workers else None,
+        multiprocessing_context=_worker_context(config.start_method) if workers else None,
     )
+
+
+def _worker_context(method: str):
+    """Workers are spawned by default, not forked from the trainer: a training process holds
+    threads (Prefect's API and log workers, fsspec's event loop, CUDA) that a fork copies in
+    whatever state they are in, and finished workers of forked finite runs were seen exiting
+    with an error after such threads had run. A spawned worker also sees the environment as it
+    is now (storage credentials loaded from a Prefect block), which a fork server started
+    earlier would not. Spawning costs a few seconds per worker, once per loader."""
+    import multiprocessing
+
+    return multiprocessing.get_context(method)
 
 
 def _kept_samples(tar_url: str) -> int:
