@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
+from fgid.backends.full.llava import llava_prompt
 from fgid.schema import CAPTION_PROMPT, FACIAL_PROMPT
 
-TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # as fgid.backends.full.llava
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 SIZES = {
     "7b": {
@@ -72,9 +72,8 @@ def word_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(
-        set(re.findall(r"\w+|[^\w\s]", " ".join([TEMPLATE, CAPTION_PROMPT, FACIAL_PROMPT])))
-    )
+    text = " ".join(llava_prompt(p) for p in (CAPTION_PROMPT, FACIAL_PROMPT))
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))
     vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
     vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -155,7 +154,7 @@ def caption_speed(model, processor, crops: list[np.ndarray], batch: int, tokens:
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         for prompt in (CAPTION_PROMPT, FACIAL_PROMPT):
-            text = [TEMPLATE.format(prompt=prompt)] * len(chunk)
+            text = [llava_prompt(prompt)] * len(chunk)
             inputs = processor(images=chunk, text=text, padding=True, return_tensors="pt")
             inputs = inputs.to(device, dtype=dtype)
             with torch.inference_mode():
