@@ -18,12 +18,9 @@ from pathlib import Path
 
 import storage
 from fgid.config import BuildConfig
-from fgid.inputs import read_plan
-from fgid.removal import removal_records
-from fgid.schema import CAPTION_PROMPT, FACIAL_PROMPT, shard_name
-from fgid.writer import shard_paths
+from fgid.dataset import CAPTIONS_DIR, Dataset, write_json
+from fgid.schema import CAPTION_PROMPT, FACIAL_PROMPT
 
-CAPTIONS_DIR = "captions"
 BUILD_RUN = "build"  # owner of the captions a build wrote
 DEFAULT_FIELDS = {"caption": CAPTION_PROMPT, "facial": FACIAL_PROMPT}
 # A field becomes the member `{key}.{field}.txt`: no dots (webdataset splits the key at the first
@@ -91,11 +88,11 @@ def plan_run(config: BuildConfig, fields: dict[str, str], replace: bool = False)
 
 
 def record_url(dataset: str, run_id: str) -> str:
-    return storage.join(str(dataset), CAPTIONS_DIR, f"{run_id}.json")
+    return Dataset(dataset).caption_record_url(run_id)
 
 
 def journal_url(dataset: str, run_id: str, shard_id: int) -> str:
-    return storage.join(str(dataset), CAPTIONS_DIR, f"{run_id}.{shard_name(shard_id)}.jsonl")
+    return Dataset(dataset).caption_journal_url(run_id, shard_id)
 
 
 def read_record(dataset: str, run_id: str) -> dict | None:
@@ -104,9 +101,8 @@ def read_record(dataset: str, run_id: str) -> dict | None:
 
 
 def write_record(dataset: str, record: dict) -> None:
-    storage.makedirs(storage.join(str(dataset), CAPTIONS_DIR))
-    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
-    storage.atomic_write_text(record_url(dataset, record["id"]), text)
+    storage.makedirs(Dataset(dataset).path(CAPTIONS_DIR))
+    write_json(record_url(dataset, record["id"]), record)
 
 
 def new_record(run: CaptionRun, previous: dict | None) -> dict:
@@ -148,12 +144,11 @@ def conflicts(stats: dict, run: CaptionRun) -> list[str]:
 
 def built_shards(dataset: str) -> list[int]:
     """Shards whose build is committed (their stats exist)."""
-    urls = storage.list_files(storage.join(str(dataset), "shards"), "[0-9]*.stats.json")
-    return [int(storage.name(u).split(".")[0]) for u in urls]
+    return Dataset(dataset).done_shards()
 
 
 def read_stats(dataset: str, shard_id: int) -> dict:
-    return json.loads(storage.read_text(shard_paths(str(dataset), shard_id)["stats"]))
+    return Dataset(dataset).read_stats(shard_id)
 
 
 def prepare_run(
@@ -162,9 +157,9 @@ def prepare_run(
     """Plan the run, refuse what it must not overwrite, and record it as running."""
     out = str(dataset)
     run = plan_run(config, fields, replace)
-    pending = [r["id"] for r in removal_records(out) if r["status"] != "done"]
-    if pending:
-        raise RuntimeError(f"{out} has an unfinished removal ({', '.join(pending)}); finish it")
+    data = Dataset.open(out)
+    data.check_free()  # a caller holding the lock passes: recaption, the caption flow
+    data.check_no_pending_removal()
     clashes = {}
     for shard_id in built_shards(out):
         hit = conflicts(read_stats(out, shard_id), run)
@@ -176,7 +171,7 @@ def prepare_run(
             f"{len(clashes)} shard(s) already have caption field(s) {', '.join(names)} from "
             "another run; pass replace (--replace) to overwrite, or name new fields"
         )
-    storage.remove_stale_tmp(storage.join(out, "shards"))
+    data.prepare()
     write_record(out, new_record(run, read_record(out, run.id)))
     return run
 
@@ -193,7 +188,7 @@ def finish_run(dataset: str, run: CaptionRun) -> dict:
     stats = {s: read_stats(out, s) for s in built}
     done = [s for s in built if shard_at_run(stats[s], run)]
     models = {current_fields(stats[s])[n]["model"] for s in done for n in run.fields}
-    not_built = sorted({p.shard_id for p in read_plan(out)} - set(built))
+    not_built = sorted({p.shard_id for p in Dataset(out).read_plan()} - set(built))
     record["shards"] = {"captioned": done, "not_built": not_built}
     record["models"] = sorted(models)
     if len(done) == len(built):

@@ -2,13 +2,95 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fgid.errors import UsageError
+
+
+class ConfigError(UsageError):
+    """A setting that does not exist, or a config file that cannot be read; one line."""
+
+
+def check_setting(model: type[BaseModel], dotted: str) -> None:
+    """Refuse `section.field` unless it names a setting of `model`, suggesting the nearest one."""
+    node: type[BaseModel] | None = model
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        fields = node.model_fields if node else {}
+        if part not in fields:
+            prefix = ".".join(parts[:depth])
+            known = [f"{prefix}.{name}" if prefix else name for name in fields]
+            close = difflib.get_close_matches(dotted, _all_settings(model), n=1, cutoff=0.6)
+            close = close or difflib.get_close_matches(
+                ".".join(parts[: depth + 1]), known, n=1, cutoff=0.6
+            )
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting {dotted}{hint}")
+        annotation = fields[part].annotation
+        node = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+        if node is None and depth < len(parts) - 1:
+            raise ConfigError(
+                f"unknown setting {dotted}: {'.'.join(parts[: depth + 1])} is a value"
+            )
+
+
+def _all_settings(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += _all_settings(annotation, f"{prefix}{name}.")
+        else:
+            names.append(prefix + name)
+    return names
+
+
+def describe_error(error: ValidationError) -> str:
+    """A pydantic error as one line: `shard_size: must be >= 1 (got 0); ...`."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {where}")
+            continue
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {item['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def read_yaml(path: str | Path, limit: int = 1_000_000) -> dict:
+    """A YAML mapping from a small regular file, or a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" if not path.exists()
+                          else f"config is not a regular file: {path}")  # fmt: skip
+    with open(path, "rb") as handle:
+        text = handle.read(limit + 1)
+    if len(text) > limit:
+        raise ConfigError(f"config file is larger than {limit} bytes: {path}")
+    try:
+        data = yaml.safe_load(text.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {path}{where} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 class Section(BaseModel):
@@ -21,6 +103,12 @@ class DecodeConfig(Section):
         60_000_000, description="larger images are rejected as too_large before decoding"
     )
     max_bytes: int = Field(100_000_000, description="larger files are rejected unread")
+    memory_budget_mb: int = Field(
+        1024,
+        ge=1,
+        description="decoded pixel bytes held by read-ahead and decode threads together; a "
+        "batch ahead waits past it (the batch the models need next never does)",
+    )
 
 
 class DetectConfig(Section):
@@ -85,6 +173,26 @@ class ModelsConfig(Section):
     facexlib_root: str | None = Field(None, description="dir holding parsing_bisenet.pth")
     llava: str = Field("llava-hf/llava-1.5-7b-hf", description="hub id or local dir")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    # The three settings below are part of the output hash only when changed from their default
+    # (as caption.engine): another runtime or precision gives slightly other numbers, and configs
+    # and hashes from before the settings existed stay the same, so their builds still resume.
+    runtime: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="how the InsightFace models run: auto = torch on CUDA (converted from their "
+        "ONNX files at load), onnxruntime on the CPU",
+        exclude_if=lambda runtime: runtime == "auto",
+    )
+    torch_precision: Literal["auto", "float32", "float16"] = Field(
+        "auto",
+        description="InsightFace models under torch: auto = float16 on CUDA, float32 on the CPU",
+        exclude_if=lambda precision: precision == "auto",
+    )
+    torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="torch.compile mode for the InsightFace models under torch "
+        "(reduce-overhead adds CUDA graphs)",
+        exclude_if=lambda mode: mode == "off",
+    )
 
 
 class BuildConfig(Section):
@@ -107,12 +215,13 @@ class BuildConfig(Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BuildConfig:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        return cls.model_validate(read_yaml(path))
 
     def with_overrides(self, **dotted: object) -> BuildConfig:
         """Apply `section.field=value` overrides (CLI), validating the result."""
         data = self.model_dump()
         for dotted_key, value in dotted.items():
+            check_setting(BuildConfig, dotted_key)
             node = data
             *parents, leaf = dotted_key.split(".")
             for part in parents:
@@ -128,5 +237,6 @@ class BuildConfig(Section):
         data = self.model_dump(mode="json", exclude=speed)
         data["caption"].pop("batch_size")
         data["models"].pop("device")
+        data["decode"].pop("memory_budget_mb")  # how much is decoded at once, not what
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

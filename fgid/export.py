@@ -6,33 +6,42 @@ Layout under OUT (local folder or s3:// prefix):
     OUT/parsing/<key>.png         parsing_mask_IMG: CelebAMask-HQ label map (0..18), 512x512 8-bit
     OUT/id_embeds/<key>.pt        id_embed_file_*: torch.save of a float32 tensor (1, dim)
     OUT/fgid_consistentid.json    a JSON list, one record per sample; written last
+    OUT/fgid_export_files.json    every file this export wrote: a rerun deletes only files named
+                                  there (a user's own files in OUT are never touched)
 
 Record paths are relative to OUT. The reference loader joins each path with a root of its own
 (image_root_path, parsing_root_path, faceid_root_path), so all three roots are OUT: pass
 `--data_json_file OUT/fgid_consistentid.json --data_root_path OUT --parsing_root_path OUT
---faceid_root_path OUT` to its training script.
+--faceid_root_path OUT` to its training script. An export holds OUT's lock while it runs.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import posixpath
-import tarfile
-from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 import storage
-from fgid.schema import shard_name
+from fgid import schema
+from fgid.dataset import Dataset, DatasetInUse
+from fgid.shardtar import (
+    IMAGE_FORMATS,
+    check_key,
+    decode_embedding,
+    decode_text,
+    image_size,
+    is_key,
+)
+from storage.lock import OutputLock
 
 SIZE = 512  # the reference trainer's resolution, and the (1, 512) of its id embedding
 REFERENCE_DIM = 512
 JSON_NAME = "fgid_consistentid.json"
+MANIFEST_NAME = "fgid_export_files.json"
 FOLDERS = {"images": ".jpg", "parsing": ".png", "id_embeds": ".pt"}
-MEMBERS = ("jpg", "mask.png", "id.npy", "caption.txt", "facial.txt")
+MEMBERS = (schema.IMAGE, schema.MASK, schema.EMBEDDING, schema.CAPTION, schema.FACIAL)
 
 
 class EmbeddingDimError(ValueError):
@@ -54,27 +63,42 @@ def export_consistentid(
     are refused unless `allow_any_dim`, which writes (1, dim) tensors the reference trainer
     cannot use as is. Reruns rewrite only files whose bytes changed and delete files of
     samples no longer exported (after a takedown), so OUT mirrors the dataset."""
-    dataset, out = str(dataset).rstrip("/"), str(out_dir).rstrip("/")
-    rows = _identity_rows(dataset)
+    out = str(out_dir).rstrip("/")
+    data = Dataset.open(str(dataset).rstrip("/"), finished=True)
+    summary_dim = data.summary().get("embedding_dim")
+    if summary_dim is not None:  # refused before anything is written
+        _check_dim(np.zeros(int(summary_dim)), None, allow_any_dim)
+    storage.makedirs(out)
+    with OutputLock(out, "fgid export", error=DatasetInUse):
+        return _export(data, out, include_duplicates, allow_any_dim, jpeg_quality)
+
+
+def _export(
+    data: Dataset, out: str, include_duplicates: bool, allow_any_dim: bool, jpeg_quality: int
+) -> dict:
+    # Keys are checked (Dataset.identities): they become file names under OUT.
+    rows = data.identities().to_pylist()
     wanted = {r["key"]: r for r in rows if include_duplicates or not r["duplicate_of"]}
     counts = {"written": 0, "unchanged": 0, "resized": 0}
     records, dim = [], None
+    written: set[str] = set()
     for shard in sorted({r["shard"] for r in wanted.values()}):
-        for key, members in _shard_samples(dataset, shard):
-            if key not in wanted:
+        for key, members in data.samples(shard):
+            if key not in wanted or any(m not in members for m in MEMBERS):
                 continue
-            embedding = np.load(io.BytesIO(members["id.npy"]), allow_pickle=False)
+            embedding = decode_embedding(members[schema.EMBEDDING])
             dim = _check_dim(embedding, dim, allow_any_dim)
             image, mask, resized = _to_reference_size(
-                members["jpg"], members["mask.png"], jpeg_quality
+                members[schema.IMAGE], members[schema.MASK], jpeg_quality
             )
             counts["resized"] += resized
             files = {"images": image, "parsing": mask, "id_embeds": _tensor_bytes(embedding)}
             paths = {}
-            for folder, data in files.items():
-                name = f"{key}{FOLDERS[folder]}"
+            for folder, content in files.items():
+                name = f"{check_key(key)}{FOLDERS[folder]}"
                 paths[folder] = f"{folder}/{name}"  # relative to OUT, the loader's root
-                changed = _put(storage.join(out, folder, name), data)
+                changed = _put(storage.join(out, folder, name), content)
+                written.add(paths[folder])
                 counts["written" if changed else "unchanged"] += 1
             records.append(_record(key, wanted[key]["identity"], members, paths))
     missing = sorted(set(wanted) - {r["key"] for r in records})
@@ -86,7 +110,7 @@ def export_consistentid(
     json_url = storage.join(out, JSON_NAME)
     # ASCII escapes: the reference reads it with a bare open(), i.e. the locale's encoding.
     storage.atomic_write_text(json_url, json.dumps(records, indent=1) + "\n")
-    pruned = _prune(out, set(wanted))
+    pruned = _prune(out, written)
     return {
         "json": json_url,
         "root": out,
@@ -100,40 +124,6 @@ def export_consistentid(
         "resized_to_512": counts["resized"],
         "pruned": pruned,
     }
-
-
-def _identity_rows(dataset: str) -> list[dict]:
-    url = storage.join(dataset, "identities.parquet")
-    if not storage.exists(url):
-        raise FileNotFoundError(f"{url} not found: export needs a finished build (fgid build)")
-    with storage.open_input(url) as handle:
-        return pq.read_table(handle).to_pylist()
-
-
-def _shard_samples(dataset: str, shard: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of one finished shard, in tar order, streamed."""
-    base = storage.join(dataset, "shards", shard_name(shard))
-    if not storage.exists(base + ".stats.json"):
-        raise ValueError(f"shard {shard_name(shard)} of {dataset} is not finished; rerun the build")
-    key, members = None, {}
-    with (
-        storage.open_input(base + ".tar") as handle,
-        tarfile.open(fileobj=handle, mode="r|") as tar,
-    ):
-        for info in tar:
-            if not info.isfile():
-                continue
-            # Keys carry no dots (schema.py), so the first dot splits key and extension.
-            name = posixpath.basename(info.name)
-            this, ext = name.split(".", 1)
-            if this != key:
-                if key is not None:
-                    yield key, members
-                key, members = this, {}
-            if ext in MEMBERS:
-                members[ext] = tar.extractfile(info).read()
-        if key is not None:
-            yield key, members
 
 
 def _check_dim(embedding: np.ndarray, dim: int | None, allow_any_dim: bool) -> int:
@@ -152,8 +142,10 @@ def _check_dim(embedding: np.ndarray, dim: int | None, allow_any_dim: bool) -> i
 
 def _to_reference_size(jpg: bytes, png: bytes, quality: int) -> tuple[bytes, bytes, bool]:
     """The aligned image and label map at 512x512; the shard's bytes when already that size."""
-    image = Image.open(io.BytesIO(jpg))
-    mask = Image.open(io.BytesIO(png))
+    image_size(jpg, ("JPEG",))  # format and pixel checks before anything is decoded
+    image_size(png, ("PNG",))
+    image = Image.open(io.BytesIO(jpg), formats=list(IMAGE_FORMATS))
+    mask = Image.open(io.BytesIO(png), formats=["PNG"])
     if image.size == (SIZE, SIZE) and mask.size == (SIZE, SIZE) and mask.mode == "L":
         return jpg, png, False
     # Nearest for the label map: interpolating class ids would invent classes at edges.
@@ -181,8 +173,8 @@ def _record(key: str, identity: str, members: dict[str, bytes], paths: dict[str,
         "identity": identity,
         "resize_IMG": paths["images"],
         "parsing_mask_IMG": paths["parsing"],
-        "vqa_llva": members["caption.txt"].decode("utf-8"),
-        "vqa_llva_more_face_detail": members["facial.txt"].decode("utf-8"),
+        "vqa_llva": decode_text(members[schema.CAPTION]),
+        "vqa_llva_more_face_detail": decode_text(members[schema.FACIAL]),
         # Both point at one file: our embedding is computed once, on the source image (the
         # reference has one from the source and one from the resized crop; its loader prefers
         # id_embed_file_origin).
@@ -199,12 +191,23 @@ def _put(url: str, data: bytes) -> bool:
     return True
 
 
-def _prune(out: str, keys: set[str]) -> int:
-    """Delete exported files of samples no longer exported (removed, or now duplicates)."""
+def _prune(out: str, written: set[str]) -> int:
+    """Delete files an earlier export wrote that this one did not (samples removed, or now
+    duplicates), then record what this one wrote. Only files named in the earlier manifest go:
+    anything else under OUT is not ours to delete."""
+    manifest = storage.join(out, MANIFEST_NAME)
+    before: list[str] = []
+    if storage.exists(manifest):
+        before = json.loads(storage.read_text(manifest)).get("files", [])
     removed = 0
-    for folder, ext in FOLDERS.items():
-        for url in storage.list_files(storage.join(out, folder), f"*{ext}"):
-            if posixpath.basename(url).removesuffix(ext) not in keys:
+    for rel in sorted(set(before) - written):
+        folder, _, name = rel.partition("/")
+        # A manifest is data too: only names this module could have written are acted on.
+        stem = name.removesuffix(FOLDERS.get(folder, "\0"))
+        if folder in FOLDERS and stem != name and is_key(stem):
+            url = storage.join(out, folder, name)
+            if storage.exists(url):
                 storage.remove(url)
                 removed += 1
+    storage.atomic_write_text(manifest, json.dumps({"files": sorted(written)}, indent=0) + "\n")
     return removed

@@ -6,32 +6,22 @@ its output depends only on the set of finished shards.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-import storage
 from fgid import grouping
 from fgid.config import BuildConfig
-from fgid.inputs import read_plan
-from fgid.schema import IDENTITY_SCHEMA, INDEX_SCHEMA, REGIONS, reason_code
+from fgid.dataset import Dataset
+from fgid.schema import REGIONS, STATUS_OK, reason_code
 
 AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 
 
 def read_index(out_dir: str) -> pa.Table:
     """Every shard's index rows, in shard order."""
-    files = storage.list_files(storage.join(str(out_dir), "shards"), "[0-9]*.parquet")
-    if not files:
-        return INDEX_SCHEMA.empty_table()
-    tables = []
-    for url in files:
-        with storage.open_input(url) as handle:
-            tables.append(pq.read_table(handle, schema=INDEX_SCHEMA))
-    return pa.concat_tables(tables)
+    return Dataset(out_dir).index()
 
 
 def assign_identities(ok: list[dict], config: BuildConfig) -> list[dict]:
@@ -86,13 +76,14 @@ def age_histogram(ages: list[float]) -> dict[str, int]:
 def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: BuildConfig) -> dict:
 
     rows = index.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok"]
-    plan = read_plan(out_dir)
-    done = storage.list_files(storage.join(out_dir, "shards"), "*.stats.json")
+    ok = [r for r in rows if r["status"] == STATUS_OK]
+    dataset = Dataset(out_dir)
+    plan = dataset.read_plan()
+    done = dataset.done_shards()
     stage_totals: dict[str, list[float]] = {}
     waited = looped = 0.0
-    for url in done:
-        stats = json.loads(storage.read_text(url))
+    for shard_id in done:
+        stats = dataset.read_stats(shard_id)
         for name, t in stats["stages"].items():
             acc = stage_totals.setdefault(name, [0.0, 0])
             acc[0] += t["seconds"]
@@ -156,14 +147,11 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: Bui
 
 
 def finalize(out_dir: str, config: BuildConfig) -> dict:
-    out = str(out_dir)
-    index = read_index(out)
-    ok = index.filter(pa.compute.equal(index["status"], "ok")).to_pylist()
+    dataset = Dataset(out_dir)
+    index = dataset.index()
+    ok = index.filter(pa.compute.equal(index["status"], STATUS_OK)).to_pylist()
     identities = assign_identities(ok, config)
-    with storage.atomic_open(storage.join(out, "identities.parquet")) as handle:
-        pq.write_table(pa.Table.from_pylist(identities, schema=IDENTITY_SCHEMA), handle)
-    summary = summarize(index, identities, out, config)
-    storage.atomic_write_text(
-        storage.join(out, "summary.json"), json.dumps(summary, indent=2, sort_keys=True)
-    )
+    dataset.write_identities(identities)
+    summary = summarize(index, identities, dataset.root, config)
+    dataset.write_summary(summary)
     return summary

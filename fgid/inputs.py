@@ -8,9 +8,11 @@ the same plan, so that finished shards stay valid.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +20,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import storage
+from fgid.errors import UsageError
+from storage.credentials import check_url
+from storage.local import NotRegularFile, read_regular
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".jpe"}
 )
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
+# List and labels files are read whole; a list of ten million paths is well under this.
+TEXT_MAX_BYTES = 1 << 30
+# A source whose name is not valid UTF-8 cannot be stored as text as it is: it is kept as this
+# prefix + the name with the bad bytes written as \xNN, and becomes an `unreadable` row. Local
+# sources are absolute and URLs have a scheme, so no real source starts with it.
+UNDECODABLE = "undecodable-name:"
 
 PLAN_FILE = "plan.parquet"
 PLAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("key", pa.string()), ("source", pa.string()), ("label", pa.string())]
 )
+
+
+class InputError(UsageError):
+    """Inputs that cannot be planned: a missing path, zero images, a bad list or labels file.
+
+    `problems` holds one line per problem; str() joins them with '; '."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class InputNotFound(InputError, FileNotFoundError):
+    """An input path, bucket or list file that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -47,15 +72,39 @@ def sample_key(source: str) -> str:
     return hashlib.sha1(source.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
+def _printable(text: str) -> str:
+    """`text` with the undecodable bytes of a name (surrogateescape) written as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def storable(source: str) -> str:
+    """`source` as valid UTF-8 text: unchanged, or marked with UNDECODABLE and escaped."""
+    printable = _printable(source)
+    return source if printable == source else UNDECODABLE + printable
+
+
 def _is_image(name: str) -> bool:
     # Hidden files are editor/OS litter (.DS_Store, ._foo.jpg), not photos.
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _walk_images(folder: Path) -> list[str]:
+def is_dataset(folder: str | Path) -> bool:
+    """A folder a build wrote (it holds the plan): its card plots and shards are never inputs."""
+    return os.path.isfile(os.path.join(folder, PLAN_FILE))
+
+
+def _walk_images(folder: Path, exclude: frozenset[str] = frozenset()) -> list[str]:
+    if is_dataset(folder) or os.path.abspath(folder) in exclude:
+        return []
     found = []
     for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
+        # An output folder inside an input folder: a rerun must not list what the build wrote.
+        dirs[:] = [
+            d
+            for d in sorted(dirs)
+            if not is_dataset(os.path.join(root, d))
+            and os.path.abspath(os.path.join(root, d)) not in exclude
+        ]
         found.extend(os.path.join(root, name) for name in sorted(files) if _is_image(name))
     return found
 
@@ -70,13 +119,51 @@ def _resolve(line: str, base: str) -> str:
     return str(Path(base) / line)
 
 
+def read_lines(path: str, what: str, limit: int = TEXT_MAX_BYTES) -> list[str]:
+    """The lines of a small text file or object, decoded with surrogateescape.
+
+    Only a regular file (or an object) of at most `limit` bytes is read; anything else is an
+    InputError naming `what` and the path, in one line."""
+    if storage.is_remote(path):
+        try:
+            check_url(path)
+            fs, inner = storage.filesystem(path)
+            with fs.open(inner, "rb") as handle:
+                data = handle.read(limit + 1)
+        except (FileNotFoundError, IsADirectoryError):
+            raise InputNotFound(f"{what} not found: {path}") from None
+        except ValueError as error:  # a URL with credentials: the message never repeats it
+            raise InputError(f"{what}: {error}") from None
+    else:
+        try:
+            data = read_regular(path, limit)
+        except NotRegularFile as error:
+            raise InputError(f"{what} is {error.kind}, not a regular file: {path}") from None
+        except FileNotFoundError:
+            raise InputNotFound(f"{what} not found: {path}") from None
+        except OSError as error:
+            raise InputError(f"{what} cannot be read: {path} ({error.strerror})") from None
+    if len(data) > limit:
+        raise InputError(f"{what} is larger than {limit} bytes: {path}")
+    if b"\0" in data:
+        raise InputError(f"{what} is not a text file (it holds NUL bytes): {path}")
+    return data.decode("utf-8", "surrogateescape").splitlines()
+
+
 def _read_list(path: str) -> list[str]:
     base = posixpath.dirname(path) if storage.is_remote(path) else str(Path(path).parent)
     sources = []
-    for line in storage.read_text(path).splitlines():
+    for number, line in enumerate(read_lines(path, "list file"), 1):
         line = line.strip()
-        if line and not line.startswith("#"):
-            sources.append(_resolve(line, base))
+        if not line or line.startswith("#"):
+            continue
+        source = _resolve(line, base)
+        if storage.is_remote(source):
+            try:
+                check_url(source)
+            except ValueError as error:  # never stored, never repeated
+                raise InputError(f"{path}:{number}: {error}") from None
+        sources.append(source)
     return sources
 
 
@@ -87,6 +174,10 @@ def _is_list(path: str) -> bool:
 def _collect_remote(url: str) -> list[str]:
     """An object-store URL: a prefix holding objects, a list object, or one image object."""
     url = url.rstrip("/")
+    try:
+        check_url(url)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     fs, path = storage.filesystem(url)
     if fs.isfile(path):
         return _read_list(url) if _is_list(url) else [url]
@@ -94,54 +185,116 @@ def _collect_remote(url: str) -> list[str]:
         return [u for u in storage.walk_files(url) if _is_image(storage.name(u))]
     parent = posixpath.dirname(path)
     if not parent or not fs.exists(parent):
-        raise FileNotFoundError(f"input not found: {url}")
+        raise InputNotFound(f"input not found: {url}")
     return [url]  # a missing object in an existing bucket: an `unreadable` row, as locally
 
 
-def collect_sources(inputs: list[str]) -> list[str]:
+def _suggestion(path: Path) -> str:
+    """' (did you mean P?)' for the closest name beside the first missing part of `path`."""
+    missing = path.absolute()
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    try:
+        with os.scandir(missing.parent) as entries:
+            names = [entry.name for _, entry in zip(range(10_000), entries, strict=False)]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    rest = path.absolute().relative_to(missing)
+    return f" (did you mean {missing.parent / close[0] / rest}?)"
+
+
+def _collect_one(raw: str, exclude: frozenset[str]) -> list[str]:
+    if storage.is_remote(raw):
+        return _collect_remote(raw)
+    path = Path(raw)
+    if path.is_dir():
+        return _walk_images(path, exclude)
+    if path.suffix.lower() in LIST_SUFFIXES and (path.exists() or path.is_symlink()):
+        return _read_list(str(path))  # a FIFO or device named *.txt is refused, never read
+    if not path.exists() and not path.is_symlink():
+        raise InputNotFound(f"input not found: {raw}{_suggestion(path)}")
+    return [str(path)]  # a special file or a broken link: a row says what it is
+
+
+def _sorted_sources(found: Iterable[str]) -> list[str]:
+    absolute = {s if storage.is_remote(s) else os.path.abspath(s) for s in found}
+    return sorted(storable(s) for s in absolute)
+
+
+def collect_sources(inputs: list[str], exclude: Iterable[str] = ()) -> list[str]:
     """Expand inputs into absolute source paths and URLs, sorted and without repeats.
 
-    A folder (or an s3:// prefix) contributes every image-suffixed file below it; a .txt/.lst
-    file is a list of paths or URLs (one per line, relative to the list); any other path is taken
-    as one image, even if it does not exist (it then becomes an `unreadable` row, not a crash)."""
+    A folder (or an s3:// prefix) contributes every image-suffixed file below it, except the
+    folders in `exclude` (give the build's output) and any folder a build wrote; a .txt/.lst
+    file is a list of paths or URLs (one per line, relative to the list), where a missing entry
+    becomes an `unreadable` row, not a crash. Any other input is taken as one image; one that
+    does not exist raises InputNotFound. URLs with credentials raise InputError."""
+    skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
     sources: set[str] = set()
     for raw in inputs:
-        raw = str(raw)
-        if storage.is_remote(raw):
-            sources.update(_collect_remote(raw))
+        sources.update(_collect_one(str(raw), skip))
+    return _sorted_sources(sources)
+
+
+def check_inputs(inputs: list[str], exclude: Iterable[str] = ()) -> list[str]:
+    """The sources a build of `inputs` would plan, or InputError naming every problem at once.
+
+    For a command to call before it writes anything: an input that does not exist (with the
+    nearest existing name as a hint), a folder, prefix or list file that yields no image, a
+    bad list file, a URL with credentials, or no image at all. Each problem is one line in
+    `InputError.problems`; the messages never repeat a credential."""
+    skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
+    problems: list[str] = []
+    sources: set[str] = set()
+    for raw in map(str, inputs):
+        try:
+            found = _collect_one(raw, skip)
+        except InputError as error:
+            problems.extend(error.problems)
             continue
-        path = Path(raw)
-        if path.is_dir():
-            sources.update(_walk_images(path))
-        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            sources.update(_read_list(str(path)))
-        elif not path.exists() and not path.is_symlink() and not path.parent.exists():
-            raise FileNotFoundError(f"input not found: {raw}")
-        else:
-            sources.add(str(path))
-    return sorted(s if storage.is_remote(s) else os.path.abspath(s) for s in sources)
+        if not found:
+            problems.append(f"no images found in {raw}")
+        sources.update(found)
+    if problems:
+        raise InputError(*problems)
+    if not sources:
+        raise InputError(f"no images found in the inputs: {', '.join(map(str, inputs)) or '-'}")
+    return _sorted_sources(sources)
 
 
 def read_labels(path: str | None) -> dict[str, str]:
-    """CelebA's identity_CelebA.txt format: '<file name> <identity>' per line."""
+    """CelebA's identity_CelebA.txt format: '<file name> <identity>' per line.
+
+    A missing, special, oversized or malformed file is an InputError in one line (the line
+    number for a malformed line)."""
     if not path:
         return {}
     labels = {}
-    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_lines(path, "labels file"), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2:
-            raise ValueError(f"{path}:{number}: expected '<file> <identity>', got {line!r}")
+            shown = _printable(line if len(line) <= 80 else line[:77] + "...")
+            raise InputError(f"{path}:{number}: expected '<file> <identity>', got {shown!r}")
+        if _printable(line) != line:
+            raise InputError(f"{path}:{number}: not UTF-8 text")
         labels[parts[0]] = parts[1]
     return labels
 
 
 def plan_shards(
-    inputs: list[str], shard_size: int, labels_file: str | None = None
+    inputs: list[str],
+    shard_size: int,
+    labels_file: str | None = None,
+    exclude: Iterable[str] = (),
 ) -> list[ShardPlan]:
+    """Shards of `shard_size` inputs in source order; `exclude` as for collect_sources."""
     labels = read_labels(labels_file)
-    sources = collect_sources(inputs)
+    sources = collect_sources(inputs, exclude)
     items = [InputItem(sample_key(s), s, labels.get(storage.name(s))) for s in sources]
     return [
         ShardPlan(i // shard_size, tuple(items[i : i + shard_size]))

@@ -8,13 +8,20 @@ from collections.abc import Iterator
 
 from fgid.config import BuildConfig
 from fgid.protocols import ModelSet
+from fgid.weights import MissingWeights, check_weights
 
 _idle: dict[str, list[ModelSet]] = {}
 _lock = threading.Lock()
 
 
 def load_model_set(config: BuildConfig) -> ModelSet:
-    """Build the backends named by `config.models.set`. Heavy imports happen in the backend."""
+    """Build the backends named by `config.models.set`. Heavy imports happen in the backend.
+
+    Every weight the set needs is checked first, so a missing one is reported (all of them at
+    once, with the setting and the command that fetches each) before anything loads."""
+    missing = check_weights(config)
+    if missing:
+        raise MissingWeights(missing)
     if config.models.set == "lite":
         from fgid.backends import lite
 

@@ -6,7 +6,6 @@ Prefect (flows/build.py) wires the same three functions into tasks; nothing here
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections import Counter
@@ -15,15 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib.metadata import version
 
-import storage
 from fgid import progress
 from fgid.config import BuildConfig
-from fgid.inputs import InputItem, ShardPlan, plan_shards, read_plan, write_plan
+from fgid.dataset import Dataset
+from fgid.errors import UsageError
+from fgid.inputs import InputItem, ShardPlan, plan_shards
 from fgid.prefetch import ReadAhead, ThreadedDecodeStage
 from fgid.protocols import ModelSet
-from fgid.removal import without_removed
 from fgid.sample import Sample
-from fgid.schema import FORMAT_VERSION, reason_code
+from fgid.schema import FORMAT_VERSION, STATUS_OK, reason_code
 from fgid.stages import STAGE_ORDER
 from fgid.stages.align import AlignStage
 from fgid.stages.base import Stage
@@ -32,14 +31,12 @@ from fgid.stages.decode import DecodeStage
 from fgid.stages.detect import DetectStage
 from fgid.stages.identity import AttributeStage, EmbedStage
 from fgid.stages.parse import ParseStage, regions_unseen
-from fgid.writer import ShardWriter, encode_sample, shard_paths
+from fgid.writer import ShardWriter, encode_sample
 
 log = logging.getLogger(__name__)
 
-BUILD_FILE = "build.json"
 
-
-class OutputMismatch(RuntimeError):
+class OutputMismatch(UsageError):
     """The output folder holds a build of other inputs or another configuration."""
 
 
@@ -68,44 +65,71 @@ def build_stages(
 
 def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list[ShardPlan]:
     """Plan the shards and record the plan, or check a rerun against the recorded one."""
-    out = str(out_dir)
-    storage.makedirs(storage.join(out, "shards"))
-    storage.remove_stale_tmp(storage.join(out, "shards"))
-    storage.remove_stale_tmp(out)
+    dataset = Dataset(out_dir)
+    # A caller that holds the dataset's lock passes; a build while another process holds it
+    # would delete that process's files or mix two plans: refused (DatasetInUse).
+    dataset.check_free()
+    dataset.prepare()
     # Samples taken down by fgid.removal stay out of the plan, so a rerun neither rebuilds nor
     # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
-    plans = without_removed(plan_shards(inputs, config.shard_size, config.labels), out)
+    plans = dataset.without_removed(plan_shards(inputs, config.shard_size, config.labels))
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
         "format_version": FORMAT_VERSION,
     }
-    build_path = storage.join(out, BUILD_FILE)
-    if storage.exists(build_path):
-        previous = json.loads(storage.read_text(build_path))
-        if previous["config_hash"] != build_info["config_hash"]:
-            raise OutputMismatch(
-                f"{out} was built with another configuration (hash {previous['config_hash']}, "
-                f"now {build_info['config_hash']}); use a new --out or the same settings"
-            )
-        recorded = read_plan(out)
-        if recorded != plans:
-            raise OutputMismatch(
-                f"{out} was planned from other inputs ({sum(len(p.items) for p in recorded)} "
-                f"files then, {sum(len(p.items) for p in plans)} now); use a new --out"
-            )
+    previous = dataset.build_info()
+    if previous is None:
+        dataset.write_plan(plans)
+        dataset.write_build_info(build_info)
         return plans
-    write_plan(out, plans)
-    storage.atomic_write_text(build_path, json.dumps(build_info, indent=2, sort_keys=True))
+    if previous["config_hash"] != build_info["config_hash"]:
+        changed = config_changes(previous.get("config", {}), build_info["config"])
+        raise OutputMismatch(
+            f"{dataset.root} was built with another configuration ({changed}); use a new --out, "
+            "or the settings of the first run"
+        )
+    recorded = dataset.read_plan()
+    if recorded != plans:
+        raise OutputMismatch(
+            f"{dataset.root} was planned from other inputs ({plan_changes(recorded, plans)}); "
+            "use a new --out, or the inputs of the first run"
+        )
     return plans
 
 
+def config_changes(before: dict, now: dict, prefix: str = "") -> str:
+    """'detect.min_score 0.5 -> 0.6, shard_size 4 -> 8': the settings that differ."""
+    diffs = []
+    for name in sorted(before.keys() | now.keys()):
+        old, new = before.get(name), now.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = config_changes(old, new, f"{prefix}{name}.")
+            diffs += [inner] if inner else []
+        elif old != new:
+            diffs.append(f"{prefix}{name} {old!r} -> {new!r}")
+    return ", ".join(diffs)
+
+
+def plan_changes(recorded: list[ShardPlan], plans: list[ShardPlan]) -> str:
+    """'3 inputs added, 1 missing since the first run', or how the sharding differs."""
+    before = {i.key: (p.shard_id, i) for p in recorded for i in p.items}
+    now = {i.key: (p.shard_id, i) for p in plans for i in p.items}
+    added, missing = len(now.keys() - before.keys()), len(before.keys() - now.keys())
+    parts = [f"{added} inputs added"] if added else []
+    parts += [f"{missing} missing"] if missing else []
+    if parts:
+        return ", ".join(parts) + " since the first run"
+    moved = sum(before[k] != now[k] for k in now)
+    return f"{moved} inputs in other shards or with other labels than in the first run"
+
+
 def shard_done(out_dir: str, shard_id: int) -> bool:
-    return storage.exists(shard_paths(str(out_dir), shard_id)["stats"])
+    return Dataset(out_dir).shard_done(shard_id)
 
 
 def shard_stats(out_dir: str, shard_id: int) -> dict:
-    return json.loads(storage.read_text(shard_paths(str(out_dir), shard_id)["stats"]))
+    return Dataset(out_dir).read_stats(shard_id)
 
 
 def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: list[str]) -> dict:
@@ -160,7 +184,7 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
     Batches are decoded `config.prefetch_batches` ahead of the model stages (fgid.prefetch);
     their order, and so the shard's bytes, is the plan's either way."""
     started = time.perf_counter()
-    journal = shard_paths(str(out_dir), plan.shard_id)["journal"]
+    journal = Dataset(out_dir).shard(plan.shard_id).journal
     unseen = regions_unseen(models.parser)
     writer = ShardWriter(str(out_dir), plan.shard_id)
     size = config.batch_size
@@ -187,6 +211,7 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
                         members = encode_sample(sample, meta, config.align.jpeg_quality)
                     writer.add(sample, members)
                     sample.release()
+                progress.batch_finished(plan.shard_id, len(batch), sum(not s.ok for s in batch))
             loop_seconds = time.perf_counter() - loop_started
         reasons = Counter(reason_code(r["reason"]) for r in writer.rows if r["reason"])
         timings = {s.name: s.timing.as_dict() for s in stages}
@@ -201,8 +226,8 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
         stats = {
             "shard": plan.shard_id,
             "inputs": len(plan.items),
-            "ok": sum(r["status"] == "ok" for r in writer.rows),
-            "rejected": sum(r["status"] != "ok" for r in writer.rows),
+            "ok": sum(r["status"] == STATUS_OK for r in writer.rows),
+            "rejected": sum(r["status"] != STATUS_OK for r in writer.rows),
             "reasons": dict(sorted(reasons.items())),
             "stages": timings,
             "tar_bytes": writer.bytes_written,
@@ -214,8 +239,11 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
         stats["wall_seconds"] = round(time.perf_counter() - started, 3)
         writer.commit(stats)
     except BaseException:
-        writer.abort()
-        raise
+        try:
+            writer.abort()
+        except Exception:  # noqa: BLE001 - the shard's own error is the one to report
+            log.exception("shard %05d: cleaning up after the failure failed too", plan.shard_id)
+        raise  # the original exception, whatever the cleanup did
     log.info(
         "shard %05d: %d ok, %d rejected in %.1fs",
         plan.shard_id,
@@ -233,15 +261,21 @@ def build(
     from fgid.card import write_card
     from fgid.finalize import finalize
     from fgid.models import leased_model_set
+    from fgid.status import recording
 
-    plans = prepare_output(inputs, out_dir, config)
-    todo = [p for p in plans if not shard_done(out_dir, p.shard_id)]
-    log.info("%d shards planned, %d to do", len(plans), len(todo))
     with contextlib.ExitStack() as stack:
+        stack.enter_context(Dataset(out_dir).lock("fgid build"))
+        plans = prepare_output(inputs, out_dir, config)
+        stack.enter_context(recording(Dataset(out_dir), plans))
+        todo = [p for p in plans if not shard_done(out_dir, p.shard_id)]
+        log.info("%d shards planned, %d to do", len(plans), len(todo))
+        for plan in plans:
+            if plan not in todo:
+                progress.shard_skipped(shard_stats(out_dir, plan.shard_id))
         if todo and models is None:
             models = stack.enter_context(leased_model_set(config))
         for plan in todo:
             progress.shard_finished(process_shard(plan, out_dir, config, models))
-    summary = finalize(out_dir, config)
-    write_card(out_dir, summary)
+        summary = finalize(out_dir, config)
+        write_card(out_dir, summary)
     return summary

@@ -6,23 +6,19 @@ A shard is captioned in two passes: captions go to the run's journal batch by ba
 is rewritten from the journal (temp name + rename, or one upload), then its stats, which record
 the run per field and are the commit point, and the journal is removed last. A rerun skips
 journaled samples; batches follow fixed positions in the shard, so a resumed shard is byte-identical
-to an uninterrupted one. Not to be run while a build or a removal writes the same folder.
+to an uninterrupted one. A run holds the dataset's lock: it refuses to start while a build or a
+removal writes the same folder, and they refuse while it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
-import tarfile
 import time
-from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image
 
-import storage
+from fgid import schema
 from fgid.caption_journal import Journal
 from fgid.caption_run import (
     BUILD_RUN,
@@ -40,25 +36,19 @@ from fgid.caption_run import (
 )
 from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
+from fgid.dataset import Dataset
 from fgid.protocols import Captioner
+from fgid.shardtar import (
+    add_sample,
+    decode_meta,
+    decode_rgb,
+    encode_meta,
+    open_samples,
+    rewrite_tar,
+)
 from fgid.stages.caption import caption_fields
-from fgid.writer import add_member, rewrite_tar, shard_paths
 
 log = logging.getLogger(__name__)
-
-
-def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: data}) per sample, members in tar order (a sample's members are adjacent)."""
-    key, members = None, {}
-    for member in tar:
-        name, ext = member.name.split(".", 1)
-        if name != key and members:
-            yield key, members
-            members = {}
-        key = name
-        members[ext] = tar.extractfile(member).read()
-    if members:
-        yield key, members
 
 
 def _hints(meta: dict) -> dict:
@@ -73,16 +63,15 @@ def _hints(meta: dict) -> dict:
 
 def _rgb(jpg: bytes) -> np.ndarray:
     # PIL, as webdataset's "rgb8" decoder: the captioner sees the pixels training will see.
-    with Image.open(io.BytesIO(jpg)) as image:
-        return np.asarray(image.convert("RGB"))
+    return decode_rgb(jpg)
 
 
 def _caption_batch(batch: list, captioner: Captioner, run: CaptionRun, journal: Journal) -> None:
     todo = [(key, members) for key, members in batch if key not in journal.entries]
     if not todo:
         return
-    images = [_rgb(m["jpg"]) for _, m in todo]
-    hints = [_hints(json.loads(m["json"])) for _, m in todo]
+    images = [_rgb(m[schema.IMAGE]) for _, m in todo]
+    hints = [_hints(decode_meta(m[schema.META])) for _, m in todo]
     texts = caption_fields(captioner, images, run.fields, hints)
     journal.add({key: {n: texts[n][i] for n in run.fields} for i, (key, _) in enumerate(todo)})
 
@@ -90,11 +79,12 @@ def _caption_batch(batch: list, captioner: Captioner, run: CaptionRun, journal: 
 def _caption_missing(url: str, captioner: Captioner, run: CaptionRun, journal: Journal, size: int):
     """Pass 1: journal a caption for every sample without one, in fixed-position batches."""
     batch: list = []
-    with storage.open_input(url) as source, tarfile.open(fileobj=source, mode="r|") as tar:
-        for key, members in _samples(tar):
+    with open_samples(url) as samples:
+        for key, members in samples:
             # Journaled samples keep their slot in the batch, so batches never shift on a rerun.
             keep = key not in journal.entries
-            batch.append((key, {"jpg": members["jpg"], "json": members["json"]} if keep else {}))
+            wanted = {ext: members[ext] for ext in (schema.IMAGE, schema.META)} if keep else {}
+            batch.append((key, wanted))
             if len(batch) == size:
                 _caption_batch(batch, captioner, run, journal)
                 batch = []
@@ -103,17 +93,17 @@ def _caption_missing(url: str, captioner: Captioner, run: CaptionRun, journal: J
 
 
 def _with_captions(members: dict[str, bytes], captions: dict, run: CaptionRun, model: str):
-    meta = json.loads(members["json"])
+    meta = decode_meta(members[schema.META])
     provenance = meta.get("captions") or {
         name: {"model": meta["models"]["captioner"], "prompt": prompt, "run": BUILD_RUN}
         for name, prompt in DEFAULT_FIELDS.items()
     }
     for name, prompt in run.fields.items():
         # Existing fields are replaced where they stand; new ones follow the sample's members.
-        members[f"{name}.txt"] = captions[name].encode("utf-8")
+        members[schema.caption_member(name)] = captions[name].encode("utf-8")
         provenance[name] = {"model": model, "prompt": prompt, "run": run.id}
     meta["captions"] = provenance
-    members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    members[schema.META] = encode_meta(meta)
     return members
 
 
@@ -121,13 +111,10 @@ def _rewrite(url: str, journal: Journal, run: CaptionRun, model: str) -> int:
     """Pass 2: the new tar from the old one and the journal; returns its data bytes."""
     total = 0
     with rewrite_tar(url) as (old, new):
-        for key, members in _samples(old):
+        for key, members in old:
             if key not in journal.entries:
                 raise RuntimeError(f"sample {key} has no journaled caption")
-            members = _with_captions(members, journal.entries[key], run, model)
-            for ext, data in members.items():
-                add_member(new, f"{key}.{ext}", data)
-                total += len(data)
+            total += add_sample(new, key, _with_captions(members, journal.entries[key], run, model))
     return total
 
 
@@ -136,7 +123,7 @@ def recaption_shard(
 ) -> dict:
     """Caption one built shard for `run` and commit its new version; returns its new stats."""
     out = str(dataset)
-    paths = shard_paths(out, shard_id)
+    files = Dataset(out).shard(shard_id)
     stats = read_stats(out, shard_id)
     if shard_at_run(stats, run):
         return stats
@@ -146,12 +133,12 @@ def recaption_shard(
     started = time.perf_counter()
     journal = Journal(journal_url(out, run.id, shard_id), captioner.name)
     resumed = len(journal.entries)
-    _caption_missing(paths["tar"], captioner, run, journal, batch_size)
-    tar_bytes = _rewrite(paths["tar"], journal, run, captioner.name)
+    _caption_missing(files.tar, captioner, run, journal, batch_size)
+    tar_bytes = _rewrite(files.tar, journal, run, captioner.name)
     owners = dict(current_fields(stats))
     owners.update({name: {"run": run.id, "model": captioner.name} for name in run.fields})
     stats.update(captions=owners, tar_bytes=tar_bytes)
-    storage.atomic_write_text(paths["stats"], json.dumps(stats, indent=2, sort_keys=True))
+    Dataset(out).write_stats(shard_id, stats)
     journal.remove()
     log.info(
         "shard %05d captioned for %s in %.1fs (%d samples from the journal)",
@@ -171,11 +158,12 @@ def recaption(
     captioner: Captioner | None = None,
 ) -> dict:
     """A whole caption run without Prefect; returns the run's record."""
-    run = prepare_run(dataset, config, fields, replace)
-    todo = shards_to_caption(dataset, run)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(Dataset.open(dataset).lock("fgid caption"))
+        run = prepare_run(dataset, config, fields, replace)
+        todo = shards_to_caption(dataset, run)
         if todo and captioner is None:
             captioner = stack.enter_context(leased_captioner(config))
         for shard_id in todo:
             recaption_shard(dataset, shard_id, captioner, run, batch_size=config.caption.batch_size)
-    return finish_run(dataset, run)
+        return finish_run(dataset, run)

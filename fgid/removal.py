@@ -5,13 +5,13 @@ only keys, shards and content sha256s: proof of the removal, and what keeps a re
 them back. It is written "pending" first and "done" last, every file is replaced atomically, so
 an interrupted removal leaves whole files and the next removal completes it. Sources are paths or
 content sha256s (a requester's copy of a photo). Caption journals a crashed build or caption run
-left behind lose the removed samples' captions too. Not to be run while a build writes the folder.
+left behind lose the removed samples' captions too. It holds the dataset's lock, so it refuses
+to start while a build, caption run or another removal writes the folder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections import Counter
@@ -19,50 +19,30 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import storage
 from fgid.caption_journal import purge
 from fgid.card import write_card
 from fgid.config import BuildConfig
+from fgid.dataset import REMOVAL_DONE, Dataset, write_json
+from fgid.dataset import RemovalPending as RemovalPending  # where callers catch it
 from fgid.finalize import finalize
-from fgid.inputs import PLAN_FILE, ShardPlan, plans_from_table, sample_key, write_plan
-from fgid.schema import INDEX_SCHEMA, STATUS_OK, reason_code
-from fgid.writer import JOURNAL_SUFFIX, add_member, rewrite_tar, shard_paths
+from fgid.inputs import plans_from_table, sample_key
+from fgid.schema import STATUS_OK, reason_code
+from fgid.shardtar import add_sample, rewrite_tar
 
-REMOVALS_DIR = "removals"
-PENDING, DONE = "pending", "done"
+PENDING, DONE = "pending", REMOVAL_DONE
 _SHA256 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
-
-
-class RemovalPending(RuntimeError):
-    """A removal was interrupted; it must be completed before the output is built on."""
 
 
 def removal_records(out_dir: str) -> list[dict]:
     """Every removal record of a dataset, oldest first."""
-    urls = storage.list_files(storage.join(str(out_dir), REMOVALS_DIR), "*.json")
-    return [json.loads(storage.read_text(url)) for url in urls]
-
-
-def without_removed(plans: list[ShardPlan], out_dir: str) -> list[ShardPlan]:
-    """The plan minus removed samples (shard ids unchanged, emptied shards dropped)."""
-    records = removal_records(out_dir)
-    pending = [r["id"] for r in records if r["status"] != DONE]
-    if pending:
-        raise RemovalPending(
-            f"{out_dir} has an unfinished removal ({', '.join(pending)}); run the same "
-            "`fgid remove` again to complete it, then build"
-        )
-    removed = {s["key"] for r in records for s in r["samples"]}
-    kept = [ShardPlan(p.shard_id, tuple(i for i in p.items if i.key not in removed)) for p in plans]
-    return [p for p in kept if p.items]
+    return Dataset(out_dir).removal_records()
 
 
 def recorded_config(out_dir: str) -> BuildConfig:
     """The configuration the dataset was built with (finalize needs its grouping settings)."""
-    info = json.loads(storage.read_text(storage.join(str(out_dir), "build.json")))
-    return BuildConfig.model_validate(info["config"])
+    return Dataset(out_dir).config()
 
 
 def remove_samples(
@@ -74,12 +54,19 @@ def remove_samples(
     config: BuildConfig | None = None,
 ) -> dict:
     """Remove one identity or a list of sources everywhere; returns the finished record."""
-    out = str(out_dir)
     if (identity is None) == (sources is None):
         raise ValueError("give exactly one of identity or sources")
     if not reason.strip():
         raise ValueError("a reason is required (a ticket number, not a name)")
-    config = config or recorded_config(out)
+    dataset = Dataset.open(out_dir)
+    with dataset.lock("fgid remove"):
+        return _remove(dataset, identity, sources, reason, config or dataset.config())
+
+
+def _remove(
+    dataset: Dataset, identity: str | None, sources: list[str] | None, reason: str, config
+) -> dict:
+    out = dataset.root
     resumed = resume_removals(out, config)
     records = removal_records(out)
     if identity is not None:
@@ -116,16 +103,17 @@ def resume_removals(out_dir: str, config: BuildConfig | None = None) -> list[dic
 
 
 def _by_identity(out: str, identity: str, records: list[dict]) -> list[dict]:
-    # Cluster names are positions, renumbered by the finalize after a removal: a name removed
-    # once may now name someone else, so it is refused rather than removed again.
+    # A cluster is named after its first member's key (fgid.finalize), so the name is stable;
+    # but after a removal its remaining members may cluster under a new first key, and a second
+    # request by the old name would match nothing or only what was left: it is refused, and
+    # further samples are named by source or sha256.
     earlier = [r["id"] for r in records if r["request"] == {"identity": identity}]
     if earlier:
         raise ValueError(
-            f"identity {identity!r} was removed already ({', '.join(earlier)}); cluster names "
-            "are renumbered after a removal: name further samples by source or sha256"
+            f"identity {identity!r} was removed already ({', '.join(earlier)}); name further "
+            "samples of that person by source or sha256"
         )
-    with storage.open_input(storage.join(out, "identities.parquet")) as handle:
-        table = pq.read_table(handle, columns=["key", "identity"])
+    table = Dataset(out).identities(["key", "identity"])
     keys = set(table.filter(pc.equal(table["identity"], identity))["key"].to_pylist())
     if not keys:
         raise ValueError(f"unknown identity {identity!r} in {out}")
@@ -137,11 +125,10 @@ def _by_sources(out: str, sources: list[str], records: list[dict]) -> tuple[list
     wanted = {}  # sample key or content hash -> the entry it came from
     for entry in sources:
         match = _SHA256.fullmatch(entry.strip().lower())
-        wanted[match.group(1) if match else sample_key(os.path.abspath(entry.strip()))] = entry
+        wanted[match.group(1) if match else sample_key(_source(entry.strip()))] = entry
     built = _index_samples(out)
     # Inputs of shards not built yet are only in the plan (no hash): taking them out suffices.
-    with storage.open_input(storage.join(out, PLAN_FILE)) as handle:
-        planned = pq.read_table(handle, columns=["key", "shard"]).to_pylist()
+    planned = Dataset(out).plan_table(["key", "shard"]).to_pylist()
     in_index = {s["key"] for s in built}
     rows = built + [{**r, "sha256": None} for r in planned if r["key"] not in in_index]
     found = [s for s in rows if s["key"] in wanted or s["sha256"] in wanted]
@@ -153,83 +140,72 @@ def _by_sources(out: str, sources: list[str], records: list[dict]) -> tuple[list
     return again, found
 
 
+def _source(entry: str) -> str:
+    """A source as the plan spells it (fgid.inputs): URLs as given, local paths absolute."""
+    return entry if storage.is_remote(entry) else os.path.abspath(entry)
+
+
 def _values(record: dict) -> set[str]:
     return {v for s in record["samples"] for v in (s["key"], s["sha256"]) if v}
 
 
 def _index_samples(out: str) -> list[dict]:
-    rows = []
-    for url in storage.list_files(storage.join(out, "shards"), "[0-9]*.parquet"):
-        with storage.open_input(url) as handle:
-            rows += pq.read_table(handle, columns=["key", "shard", "sha256"]).to_pylist()
-    return rows
+    return Dataset(out).index(["key", "shard", "sha256"]).to_pylist()
 
 
 def _apply(out: str, record: dict, config: BuildConfig) -> dict:
-    url = storage.join(out, REMOVALS_DIR, f"{record['id']}.json")
+    dataset = Dataset(out)
+    url = dataset.removal_url(record["id"])
     _write_json(url, record)
     keys = {s["key"] for s in record["samples"]}
-    storage.remove_stale_tmp(storage.join(out, "shards"))
-    storage.remove_stale_tmp(out)
+    dataset.prepare()
     done = {"rewritten": [], "deleted": []}
-    names = storage.list_files(storage.join(out, "shards"), "[0-9]*.*")
-    for shard_id in sorted({int(storage.name(n).split(".")[0]) for n in names}):
-        action = _clean_shard(out, shard_id, keys)
+    for shard_id in dataset.shards_on_disk():
+        action = _clean_shard(dataset, shard_id, keys)
         if action:
             done[action].append(shard_id)
-    _purge_journals(out, keys)
-    with storage.open_input(storage.join(out, PLAN_FILE)) as handle:
-        plan = pq.read_table(handle)
+    for journal in dataset.journals():
+        purge(journal, keys)
+    plan = dataset.plan_table()
     hit = _hits(plan, keys)
     if pc.any(hit).as_py():
-        write_plan(out, plans_from_table(plan.filter(pc.invert(hit))))
+        dataset.write_plan(plans_from_table(plan.filter(pc.invert(hit))))
     write_card(out, finalize(out, config))  # the card's counts and plots must not go stale
     record.update(status=DONE, completed=datetime.now(UTC).isoformat(timespec="seconds"))
     _write_json(url, record)
     return done
 
 
-def _clean_shard(out: str, shard_id: int, keys: set[str]) -> str | None:
+def _clean_shard(dataset: Dataset, shard_id: int, keys: set[str]) -> str | None:
     """Drop `keys` from one shard: tar, then index, then stats (an emptied shard is deleted)."""
-    paths = shard_paths(out, shard_id)
-    if not storage.exists(paths["stats"]):
+    files = dataset.shard(shard_id)
+    if not dataset.shard_done(shard_id):
         # Not done (a build stopped before its stats, or an emptied shard half deleted: stats go
         # first): the next build redoes it from the plan, so its leftovers can go.
-        storage.remove(paths["tar"])
-        storage.remove(paths["index"])
+        storage.remove(files.tar)
+        storage.remove(files.index)
         return None
-    with storage.open_input(paths["index"]) as handle:
-        index = pq.read_table(handle, schema=INDEX_SCHEMA)
+    index = dataset.read_index(shard_id)
     hit = _hits(index, keys)
-    stats = json.loads(storage.read_text(paths["stats"]))
+    stats = dataset.read_stats(shard_id)
     if not pc.any(hit).as_py() and stats["inputs"] == index.num_rows:
         return None
     if pc.all(hit).as_py():
-        for part in ("stats", "tar", "index"):
-            storage.remove(paths[part])
+        for part in (files.stats, files.tar, files.index):
+            storage.remove(part)
         return "deleted"
     # Also when a run stopped between index and stats: the tar then comes out the same again.
-    tar_bytes = _rewrite_tar(paths["tar"], keys)
+    tar_bytes = _rewrite_tar(files.tar, keys)
     if pc.any(hit).as_py():
         index = index.filter(pc.invert(hit))
-        with storage.atomic_open(paths["index"]) as handle:
-            pq.write_table(index, handle, compression="zstd")
+        dataset.write_index(shard_id, index)
     rows = index.select(["status", "reason"]).to_pylist()
     reasons = dict(sorted(Counter(reason_code(r["reason"]) for r in rows if r["reason"]).items()))
     ok = sum(r["status"] == STATUS_OK for r in rows)
     stats["removed"] = stats.get("removed", 0) + stats["inputs"] - len(rows)
     stats.update(inputs=len(rows), ok=ok, rejected=len(rows) - ok, reasons=reasons)
-    _write_json(paths["stats"], {**stats, "tar_bytes": tar_bytes})
+    dataset.write_stats(shard_id, {**stats, "tar_bytes": tar_bytes})
     return "rewritten"
-
-
-def _purge_journals(out: str, keys: set[str]) -> None:
-    """Drop `keys` from the caption journals of unfinished shards and caption runs."""
-    from fgid.caption_run import CAPTIONS_DIR  # caption_run imports this module
-
-    journals = storage.list_files(storage.join(out, "shards"), f"[0-9]*{JOURNAL_SUFFIX}")
-    for url in journals + storage.list_files(storage.join(out, CAPTIONS_DIR), "*.jsonl"):
-        purge(url, keys)
 
 
 def _hits(table: pa.Table, keys: set[str]) -> pa.ChunkedArray:
@@ -237,17 +213,15 @@ def _hits(table: pa.Table, keys: set[str]) -> pa.ChunkedArray:
 
 
 def _write_json(url: str, data: dict) -> None:
-    storage.atomic_write_text(url, json.dumps(data, indent=2, sort_keys=True))
+    write_json(url, data)
 
 
 def _rewrite_tar(url: str, keys: set[str]) -> int:
-    """Copy every member not of `keys` with the writer's fixed headers; returns the data bytes."""
+    """Copy every sample not of `keys` with the writer's fixed headers (members a reader must
+    skip, such as links or oversized members, are dropped); returns the data bytes."""
     kept = 0
-    with rewrite_tar(url) as (old, new):
-        for member in old:
-            if member.name.split(".", 1)[0] in keys:
-                continue
-            data = old.extractfile(member).read()
-            add_member(new, member.name, data)
-            kept += len(data)
+    with rewrite_tar(url) as (samples, new):
+        for key, members in samples:
+            if key not in keys:
+                kept += add_sample(new, key, members)
     return kept

@@ -11,15 +11,33 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 
+# Tar member extensions; every reader and writer names members through these.
+IMAGE = "jpg"
+MASK = "mask.png"
+EMBEDDING = "id.npy"
+CAPTION = "caption.txt"
+FACIAL = "facial.txt"
+META = "json"
+
 # tar member extension -> what it holds
 SAMPLE_FIELDS: dict[str, str] = {
-    "jpg": "aligned face, RGB, FFHQ-style crop of align.size pixels",
-    "mask.png": "label map, 8-bit single channel, CelebAMask-HQ class ids (0..18)",
-    "id.npy": "identity embedding, float32 (dim,) as produced by the embedder",
-    "caption.txt": "raw answer to CAPTION_PROMPT",
-    "facial.txt": "raw answer to FACIAL_PROMPT",
-    "json": "provenance and per-sample metadata (see SampleMeta in sample.py)",
+    IMAGE: "aligned face, RGB, FFHQ-style crop of align.size pixels",
+    MASK: "label map, 8-bit single channel, CelebAMask-HQ class ids (0..18)",
+    EMBEDDING: "identity embedding, float32 (dim,) as produced by the embedder",
+    CAPTION: "raw answer to CAPTION_PROMPT",
+    FACIAL: "raw answer to FACIAL_PROMPT",
+    META: "provenance and per-sample metadata (see sample_meta in fgid/pipeline.py)",
 }
+
+# Sample keys as our writer makes them (fgid.inputs.sample_key: 20 hex digits); readers accept
+# this wider form and nothing else, so a key can never name a folder, a parent or a device.
+KEY_PATTERN = r"[A-Za-z0-9_-]{1,128}"
+
+
+def caption_member(field: str) -> str:
+    """The member of caption field `field` (a caption run's `--field`): `{key}.{field}.txt`."""
+    return f"{field}.txt"
+
 
 # FGID_SPEC §4, verbatim.
 CAPTION_PROMPT = (
@@ -69,6 +87,7 @@ STATUS_REJECTED = "rejected"
 # Rejection reasons: the first word of `reason`; details may follow after ": ".
 REASONS = {
     "unreadable": "the path could not be opened or read",
+    "not_regular_file": "a directory, FIFO, socket or device where an image file was expected",
     "empty_file": "zero bytes",
     "file_too_large": "more bytes than decode.max_bytes",
     "not_an_image": "no image decoder recognised the bytes",

@@ -11,54 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import tarfile
 import time
-from collections.abc import Iterator
 
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import storage
+from fgid import schema
+from fgid.dataset import Dataset
 from fgid.sample import Sample
-from fgid.schema import INDEX_SCHEMA, shard_name
-
-JOURNAL_SUFFIX = ".caption-journal.jsonl"
+from fgid.schema import INDEX_SCHEMA
+from fgid.shardtar import add_sample, encode_meta, new_tar
 
 
 def shard_paths(out_dir: str, shard_id: int) -> dict[str, str]:
-    """Where shard `shard_id` lives under `out_dir` (a local path or a URL)."""
-    base = storage.join(out_dir, "shards", shard_name(shard_id))
-    return {
-        "tar": f"{base}.tar",
-        "index": f"{base}.parquet",
-        "stats": f"{base}.stats.json",
-        # Not a temporary name (those are deleted before a shard is redone): it must outlive one.
-        "journal": f"{base}{JOURNAL_SUFFIX}",
-    }
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Append one member with fixed headers (mtime 0, mode 0644, no owner), so that a shard
-    written twice, or rewritten by a caption run or a takedown, is byte-identical."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-@contextlib.contextmanager
-def rewrite_tar(url: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarFile]]:
-    """(old, new): stream the shard tar at `url` and write its replacement, which takes the old
-    one's place atomically only if the block succeeds. Write members with `add_member`."""
-    with (
-        storage.open_input(url) as source,
-        tarfile.open(fileobj=source, mode="r|") as old,
-        storage.atomic_open(url) as target,
-        tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as new,
-    ):
-        yield old, new
+    """Where shard `shard_id` lives under `out_dir` (a local path or a URL): Dataset.shard."""
+    files = Dataset(out_dir).shard(shard_id)
+    return {"tar": files.tar, "index": files.index, "stats": files.stats, "journal": files.journal}
 
 
 def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, bytes]:
@@ -73,12 +43,12 @@ def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, by
     npy = io.BytesIO()
     np.save(npy, sample.embedding.astype(np.float32), allow_pickle=False)
     return {
-        "jpg": jpg.tobytes(),
-        "mask.png": png.tobytes(),
-        "id.npy": npy.getvalue(),
-        "caption.txt": sample.caption.encode("utf-8"),
-        "facial.txt": sample.facial.encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+        schema.IMAGE: jpg.tobytes(),
+        schema.MASK: png.tobytes(),
+        schema.EMBEDDING: npy.getvalue(),
+        schema.CAPTION: sample.caption.encode("utf-8"),
+        schema.FACIAL: sample.facial.encode("utf-8"),
+        schema.META: encode_meta(meta),
     }
 
 
@@ -108,11 +78,13 @@ class ShardWriter:
     """Streams samples into `shards/NNNNN.tar`; `commit` writes the index and stats."""
 
     def __init__(self, out_dir: str, shard_id: int) -> None:
-        self.paths = shard_paths(out_dir, shard_id)
-        self._tar_cm = storage.atomic_open(self.paths["tar"])
-        self._handle = self._tar_cm.__enter__()
+        self.dataset, self.shard_id = Dataset(out_dir), shard_id
+        self.files = self.dataset.shard(shard_id)
         # Closed in commit()/abort(): the shard stays open while its batches stream in.
-        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._files = contextlib.ExitStack()
+        self._tar = self._files.enter_context(
+            new_tar(self._files.enter_context(storage.atomic_open(self.files.tar)))
+        )
         self.rows: list[dict] = []
         self.bytes_written = 0
         self.write_seconds = 0.0
@@ -122,26 +94,20 @@ class ShardWriter:
         if members is None:
             return
         start = time.perf_counter()
-        for ext, data in members.items():
-            add_member(self._tar, f"{sample.key}.{ext}", data)
-            self.bytes_written += len(data)
+        self.bytes_written += add_sample(self._tar, sample.key, members)
         self.write_seconds += time.perf_counter() - start
 
     def commit(self, stats: dict) -> None:
-        self._tar.close()
-        self._tar_cm.__exit__(None, None, None)
-        table = pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA)
-        with storage.atomic_open(self.paths["index"]) as handle:
-            pq.write_table(table, handle, compression="zstd")
+        self._files.close()
+        self.dataset.write_index(
+            self.shard_id, pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA)
+        )
         # Its captions are in the tar now. Deleted just before the commit point, not after it: a
         # deletion cut short after it would leave a stray file that no rerun revisits (the shard
         # is done, and a retried task skips it); here the worst case is captioning one shard again.
-        storage.remove(self.paths["journal"])
-        storage.atomic_write_text(self.paths["stats"], json.dumps(stats, indent=2, sort_keys=True))
+        storage.remove(self.files.journal)
+        self.dataset.write_stats(self.shard_id, stats)
 
     def abort(self) -> None:
         """Drop the partial tar (its temporary file), leaving any finished files untouched."""
-        try:
-            self._tar.close()
-        finally:
-            self._tar_cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._files.__exit__(RuntimeError, RuntimeError("aborted"), None)

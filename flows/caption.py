@@ -22,16 +22,27 @@ from fgid.caption_run import (
 )
 from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
+from fgid.dataset import Dataset
 from fgid.recaption import recaption_shard
-from flows.build import artifact_key, tag_flow_run
+from flows.build import tag_flow_run
+from flows.build_artifacts import artifact_key, dataset_name
+from flows.retries import describe, retry_transient
+from flows.run_logs import send_fgid_logs
 from flows.secrets import load_storage_secret
 
 
-# As build_shard: botocore absorbs short storage outages, these retries cover longer ones. A retry
-# resumes from the shard's caption journal, so it captions only what the failed try had not.
-@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE, log_prints=False)
+# As build_shard: only errors that can clear up are retried. A retry resumes from the shard's
+# caption journal, so it captions only what the failed try had not.
+@task(
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    log_prints=False,
+)
 def caption_shard(dataset: str, shard_id: int, config: BuildConfig, run: CaptionRun) -> dict:
     """Caption one shard for `run`, or report it done (a retry after a crash at commit)."""
+    send_fgid_logs()
     logger = get_run_logger()
     if shard_at_run(read_stats(dataset, shard_id), run):
         logger.info("shard %05d already has run %s", shard_id, run.id)
@@ -78,30 +89,38 @@ def caption(
     fields = fields or DEFAULT_FIELDS
     logger = get_run_logger()
     load_storage_secret()
+    send_fgid_logs()
     name = storage.name(dataset)
-    run = prepare_run(dataset, config, fields, replace)
-    run_tags = ["fgid", "caption", f"dataset:{name}", f"models:{config.models.set}",
-                f"caption-run:{run.id}"]  # fmt: skip
-    tag_flow_run(run_tags)
-    todo = shards_to_caption(dataset, run)
-    logger.info("caption run %s (%s): %d shard(s) to caption", run.id, run.source, len(todo))
-    # Tags go on the flow run only. A tagged task run passes through Prefect's tag-concurrency
-    # leases, which held the worker thread ~2.4 s after each 14 s shard (bench/build_bench.py).
-    futures = [
-        caption_shard.with_options(task_run_name=caption_run_name(name, shard_id)).submit(
-            dataset, shard_id, config, run
+    with Dataset.open(dataset).lock("fgid caption"):  # one writer: not during a build or removal
+        run = prepare_run(dataset, config, fields, replace)
+        run_tags = ["fgid", "caption", f"dataset:{name}", f"models:{config.models.set}",
+                    f"caption-run:{run.id}"]  # fmt: skip
+        tag_flow_run(run_tags)
+        todo = shards_to_caption(dataset, run)
+        logger.info("caption run %s (%s): %d shard(s) to caption", run.id, run.source, len(todo))
+        # Tags go on the flow run only. A tagged task run passes through Prefect's tag-concurrency
+        # leases, which held the worker thread ~2.4 s after each 14 s shard (bench/build_bench.py).
+        futures = [
+            caption_shard.with_options(task_run_name=caption_run_name(name, shard_id)).submit(
+                dataset, shard_id, config, run
+            )
+            for shard_id in todo
+        ]
+        for future in futures:
+            future.wait()
+        failed = [f for f in futures if not f.state.is_completed()]
+        record = finish_run(dataset, run)
+        create_markdown_artifact(
+            _record_markdown(record),
+            key=artifact_key("captions", dataset_name(dataset)),
+            description="FGID caption run",
         )
-        for shard_id in todo
-    ]
-    for future in futures:
-        future.wait()
-    failed = [f for f in futures if not f.state.is_completed()]
-    record = finish_run(dataset, run)
-    create_markdown_artifact(
-        _record_markdown(record),
-        key=artifact_key("captions", dataset),
-        description="FGID caption run",
-    )
-    if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed after retries; rerun to resume")
-    return record
+        if failed:
+            causes = "; ".join(_cause(f) for f in failed)
+            raise RuntimeError(f"{len(failed)} shard(s) failed ({causes}); rerun to resume")
+        return record
+
+
+def _cause(future) -> str:
+    error = future.result(raise_on_failure=False)
+    return describe(error) if isinstance(error, BaseException) else str(future.state.message)

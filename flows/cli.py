@@ -11,10 +11,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.cli_common import ConfigOpt, ModelsOpt, SetOpt, console, parse_overrides
+from flows.cli_common import (
+    ConfigOpt,
+    ModelsOpt,
+    SetOpt,
+    config_from,
+    console,
+    parse_overrides,
+    prefect_session,
+    run_cli,
+)
+from flows.cli_convert import convert_app
+from flows.cli_models import models_app
+from flows.cli_server import server_app
 from flows.cli_train import evaluate_cmd, train_app
 
 app = typer.Typer(
@@ -40,11 +51,10 @@ def _build_config(config, set_, **flags):
     """YAML (if any), then --set overrides, then the explicit flags, validated."""
     from fgid.config import BuildConfig
 
-    cfg = BuildConfig.from_yaml(config) if config else BuildConfig()
     overrides = parse_overrides(set_)
     names = {"models": "models.set"}
     overrides.update({names.get(k, k): v for k, v in flags.items() if v is not None})
-    return cfg.with_overrides(**overrides)
+    return config_from(BuildConfig, config, overrides)
 
 
 @app.command()
@@ -62,7 +72,7 @@ def build(
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
     prefect: Annotated[
-        bool, typer.Option(help="Run as a Prefect flow (a temporary local server if none is set).")
+        bool, typer.Option(help="Run as a Prefect flow (a local server if none is set).")
     ] = True,
     runner: Annotated[
         str,
@@ -77,8 +87,18 @@ def build(
     cfg = _build_config(config, set_, models=models, shard_size=shard_size,
                         batch_size=batch_size, workers=workers, labels=labels)  # fmt: skip
     kind = "dask" if dask_address else runner
+    if kind not in ("threads", "dask"):
+        raise typer.BadParameter(
+            f"expected 'threads' or 'dask', got {kind!r}", param_hint="--runner"
+        )
     if kind != "threads" and not prefect:
         raise typer.BadParameter("--runner dask needs the Prefect flow (drop --no-prefect)")
+    if cfg.workers > 1 and not prefect:
+        raise typer.BadParameter(
+            "--workers builds shards side by side as Prefect tasks; drop --no-prefect, "
+            "or --workers",
+            param_hint="--workers",
+        )
     summary = _run_build(inputs, out, cfg, prefect, kind, dask_address)
     _print_summary(summary, out)
     if not summary["complete"]:
@@ -88,8 +108,8 @@ def build(
 def _run_build(
     inputs: list[str], out: str, cfg, use_prefect: bool, kind: str, address: str | None
 ) -> dict:
-    from fgid import progress
-    from fgid.inputs import collect_sources
+    from fgid.inputs import check_inputs, read_labels
+    from flows.cli_progress import build_progress
     from flows.secrets import load_storage_secret
     from storage.credentials import check_url
 
@@ -101,39 +121,27 @@ def _run_build(
             check_url(url)
     except ValueError as error:  # the message never repeats the URL
         raise typer.BadParameter(str(error), param_hint="INPUTS / --out") from None
-    total = len(collect_sources(inputs))
+    # Mistakes are refused before anything is written: missing inputs, no images, bad labels.
+    total = len(check_inputs(inputs, exclude=[out]))
+    read_labels(cfg.labels)
     console.print(
         f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})"
     )
-    bar = Progress(
-        TextColumn("shards"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("inputs"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
-    task = bar.add_task("build", total=total)
-    unsubscribe = progress.subscribe(lambda stats: bar.advance(task, stats["inputs"]))
-    try:
-        with bar:
-            if use_prefect:
-                from flows.build import build as build_flow
-                from flows.runners import describe, gpu_request, task_runner
+    if not use_prefect:
+        from fgid.pipeline import build as build_plain
 
-                runner = task_runner(kind, workers=cfg.workers, address=address,
-                                     gpus=gpu_request(cfg))  # fmt: skip
-                console.print(f"shards run on {describe(runner)}")
-                return build_flow.with_options(task_runner=runner)(
-                    inputs=[str(i) for i in inputs], out=str(out), config=cfg
-                )
-            from fgid.pipeline import build as build_plain
-
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        with build_progress(console, total):
             return build_plain(inputs, out, cfg)
-    finally:
-        unsubscribe()
+    with prefect_session():
+        from flows.build import build as build_flow
+        from flows.runners import describe, gpu_request, task_runner
+
+        runner = task_runner(kind, workers=cfg.workers, address=address, gpus=gpu_request(cfg))
+        console.print(f"shards run on {describe(runner)}")
+        with build_progress(console, total):
+            return build_flow.with_options(task_runner=runner)(
+                inputs=[str(i) for i in inputs], out=str(out), config=cfg
+            )
 
 
 def _print_summary(summary: dict, out: str) -> None:
@@ -155,15 +163,15 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json as is.")] = False,
 ) -> None:
     """Summarize a built dataset: counts, identities, rejections, age and gender, samples."""
-    import storage
+    from fgid.dataset import Dataset, NotADataset
 
-    summary_path = storage.join(dataset, "summary.json")
-    if not storage.exists(summary_path):
-        console.print(
-            f"[red]{escape(str(dataset))} has no summary.json: not a finished fgid build[/]"
-        )
-        raise typer.Exit(2)
-    summary = json.loads(storage.read_text(summary_path))
+    ds = Dataset.open(dataset)
+    try:
+        summary = ds.summary()
+    except NotADataset:
+        raise NotADataset(
+            f"{dataset} is an unfinished build: `fgid status {dataset}` shows where it stands"
+        ) from None
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -174,29 +182,64 @@ def inspect(
     out = Console()
     out.print(Markdown(summary_markdown(summary, str(dataset))))
     if samples:
-        _print_samples(dataset, samples, out)
+        _print_samples(ds, samples, out)
 
 
-def _print_samples(dataset: str, count: int, out: Console) -> None:
-    import webdataset as wds
+def _print_samples(ds, count: int, out: Console) -> None:
+    from fgid.schema import CAPTION, FACIAL, META
 
-    import storage
-    import storage.gopen
-
-    storage.gopen.register(dataset)  # webdataset has no s3:// handler of its own
-    shards = storage.list_files(storage.join(dataset, "shards"), "[0-9]*.tar")
-    if not shards:
-        return
-    reader = wds.WebDataset(shards, shardshuffle=False, empty_check=False)
-    for sample in reader.slice(count):
-        meta = json.loads(sample["json"])
+    for key, members in ds.first_samples(count):
+        meta = json.loads(members[META])
         # Captions and file names are data: escape them so brackets are not read as markup.
         out.print(
-            f"[bold]{sample['__key__']}[/] {escape(os.path.basename(meta['source']))}: "
-            f"{meta['gender']}, age {meta['age']}, regions {meta['regions']['present']}"
+            f"[bold]{key}[/] {escape(os.path.basename(str(meta.get('source', ''))))}: "
+            f"{meta.get('gender')}, age {meta.get('age')}, "
+            f"regions {meta.get('regions', {}).get('present')}"
         )
-        out.print(f"  caption: {escape(sample['caption.txt'].decode())}")
-        out.print(f"  facial:  {escape(sample['facial.txt'].decode())}")
+        for label, field in (("caption", CAPTION), ("facial", FACIAL)):
+            text = members.get(field, b"").decode("utf-8", errors="replace")
+            out.print(f"  {label}: {' ' * (7 - len(label))}{escape(text)}")
+
+
+@app.command()
+def status(
+    dataset: Annotated[str, typer.Argument(help="An output folder or URL of 'fgid build'.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Where a build stands: running, interrupted or finished; shards, inputs, rate, ETA."""
+    from fgid.dataset import Dataset
+    from fgid.status import build_status
+
+    state = build_status(Dataset.open(dataset))
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    console.print(_status_lines(state), highlight=False)
+
+
+def _status_lines(state: dict) -> str:
+    import datetime as dt
+
+    colour = {"running": "yellow", "interrupted": "red", "finished": "green"}[state["state"]]
+    lines = [f"[bold]{escape(state['dataset'])}[/]: [{colour}]{state['state']}[/]"]
+    if state["holder"]:
+        owner = state["holder"]
+        lines.append(
+            f"  by pid {owner.get('pid')} on {owner.get('host')} since {owner.get('started')}"
+        )
+    lines.append(f"  shards  {state['shards_done']} of {state['shards_planned']} done")
+    lines.append(f"  inputs  {state['inputs_done']} of {state['inputs_planned']} done, "
+                 f"{state['rejected']} rejected")  # fmt: skip
+    if state["inputs_per_second"]:
+        rate = f"  rate    {state['inputs_per_second']:.2f} inputs/s"
+        if state["eta_seconds"] is not None:
+            rate += f", eta {dt.timedelta(seconds=round(state['eta_seconds']))}"
+        lines.append(rate)
+    if state["run_url"]:
+        lines.append(f"  run     {state['run_url']}")
+    if state["state"] == "interrupted":
+        lines.append("  rerun the same fgid build command to resume")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -232,17 +275,19 @@ def serve(
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
 ) -> None:
     """Serve a scheduled build on the Prefect server (PREFECT_API_URL) until Ctrl-C or SIGTERM."""
-    from flows.serve import serve_build
+    from flows.serve import build_deployment, serve_build
 
-    if not os.environ.get("PREFECT_API_URL"):
-        console.print("[yellow]PREFECT_API_URL is not set: the schedule lives on a temporary "
-                      "server that stops with this process.[/]")  # fmt: skip
     cfg = _build_config(config, set_, models=models, shard_size=shard_size,
                         batch_size=batch_size, workers=workers, labels=labels)  # fmt: skip
-    try:
-        serve_build(inputs, out, cfg, name=name, cron=cron, interval=interval, timezone=timezone)
-    except ValueError as error:  # schedule, interval or time zone, checked before serving
+    schedule = dict(name=name, cron=cron, interval=interval, timezone=timezone)
+    try:  # schedule, time zone and URLs are checked before any server is started
+        build_deployment(inputs, out, cfg, **schedule)
+    except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    # Without PREFECT_API_URL the schedule lives on the local fgid server, which outlives this
+    # process: the deployment and its past runs stay visible in its UI.
+    with prefect_session():
+        serve_build(inputs, out, cfg, **schedule)
 
 
 @app.command()
@@ -273,11 +318,12 @@ def caption(
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
     prefect: Annotated[
-        bool, typer.Option(help="Run as a Prefect flow (a temporary local server if none is set).")
+        bool, typer.Option(help="Run as a Prefect flow (a local server if none is set).")
     ] = True,
 ) -> None:
     """Add or replace captions in a built dataset with another captioner or prompt."""
     from fgid.caption_run import FieldExists, fields_from_options
+    from fgid.dataset import Dataset
     from flows.secrets import load_storage_secret
     from storage.credentials import check_url
 
@@ -287,6 +333,7 @@ def caption(
         fields = fields_from_options(prompt, field)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="DATASET / --prompt / --field") from None
+    Dataset.open(dataset, finished=True)  # before anything is written there
     overrides = {"models.llava": llava, "caption.batch_size": batch_size}
     cfg = _build_config(config, set_, models=models, **overrides)
     console.print(
@@ -295,17 +342,17 @@ def caption(
     )
     try:
         if prefect:
-            from flows.caption import caption as caption_flow
+            with prefect_session():
+                from flows.caption import caption as caption_flow
 
-            record = caption_flow(dataset=dataset, config=cfg, fields=fields, replace=replace)
+                record = caption_flow(dataset=dataset, config=cfg, fields=fields, replace=replace)
         else:
             from fgid.recaption import recaption
 
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
             record = recaption(dataset, cfg, fields, replace)
     except FieldExists as error:
-        console.print(f"[red]{escape(str(error))}[/]")
-        raise typer.Exit(2) from None
+        raise typer.BadParameter(str(error), param_hint="--field") from None
     console.print(
         f"caption run {record['id']}: {record['status']}, "
         f"{len(record['shards']['captioned'])} shard(s) captioned by {', '.join(record['models'])}"
@@ -329,19 +376,18 @@ def remove(
     ] = None,
 ) -> None:
     """Take an identity or source files out of every shard, index and the plan, with a record."""
+    from fgid.dataset import Dataset
+    from fgid.inputs import read_lines
     from fgid.removal import remove_samples
 
     if (identity is None) == (sources is None):
         raise typer.BadParameter("give exactly one of --identity or --sources")
+    Dataset.open(dataset, finished=True)
     entries = None
     if sources is not None:
-        lines = sources.read_text(encoding="utf-8").splitlines()
+        lines = read_lines(str(sources), "sources file")
         entries = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-    try:
-        record = remove_samples(dataset, identity=identity, sources=entries, reason=reason)
-    except ValueError as error:
-        console.print(f"[red]{escape(str(error))}[/]")
-        raise typer.Exit(1) from None
+    record = remove_samples(dataset, identity=identity, sources=entries, reason=reason)
     shards = record["shards"]
     console.print(
         f"removed {len(record['samples'])} samples (record removals/{record['id']}.json); "
@@ -368,15 +414,13 @@ def export_consistentid_cmd(
     ] = False,
 ) -> None:
     """Write the ConsistentID reference trainer's layout: images, masks, embeddings, JSON."""
+    from fgid.dataset import Dataset
     from fgid.export import export_consistentid
 
-    try:
-        summary = export_consistentid(
-            dataset, out, include_duplicates=include_duplicates, allow_any_dim=allow_any_dim
-        )
-    except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]{escape(str(error))}[/]")
-        raise typer.Exit(1) from None
+    Dataset.open(dataset, finished=True)
+    summary = export_consistentid(
+        dataset, out, include_duplicates=include_duplicates, allow_any_dim=allow_any_dim
+    )
     console.print(
         f"exported {summary['samples']} samples to {escape(summary['json'])} "
         f"({summary['skipped_duplicates']} duplicates skipped, {summary['written']} files written, "
@@ -401,8 +445,16 @@ def samples_cmd(
 
 
 app.add_typer(train_app, name="train")
+app.add_typer(server_app, name="server")
+app.add_typer(models_app, name="models")
+app.add_typer(convert_app, name="convert")
 app.command("evaluate")(evaluate_cmd)
 
 
+def main() -> None:
+    """The `fgid` console script."""
+    raise SystemExit(run_cli(app))
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -11,31 +11,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli_common import ConfigOpt, ModelsOpt, PrefectOpt, SetOpt, console, parse_overrides
+from flows.cli_common import (
+    ConfigOpt,
+    ModelsOpt,
+    PrefectOpt,
+    SetOpt,
+    config_from,
+    console,
+    parse_overrides,
+    prefect_session,
+)
 
 
 def _typed_config(model_cls, config: Path | None, set_: list[str], **flags):
     """YAML (if any), then --set overrides, then the explicit flags, validated as `model_cls`.
 
     Flags are given as dotted names, e.g. train.max_steps; a None flag was not given."""
-    import yaml
-    from pydantic import ValidationError
-
-    data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config else {}
     overrides = parse_overrides(set_)
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise typer.BadParameter(f"{dotted}: {part} is not a section", param_hint="--set")
-        node[leaf] = value
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as error:
-        raise typer.BadParameter(str(error), param_hint="--config / --set / flags") from None
+    return config_from(model_cls, config, overrides)
 
 
 train_app = typer.Typer(help="Train a model on a built dataset.", no_args_is_help=True)
@@ -63,25 +57,26 @@ def _train(kind: str, cfg, prefect: bool) -> None:
         check_url(cfg.dataset_url)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--dataset") from None
+    # Before a server starts or a model loads: the dataset it needs and every weight, at once.
+    from training import preflight
+
+    {"consistentid": preflight.check_consistentid, "faceclip": preflight.check_faceclip}[kind](cfg)
     console.print(
         f"[bold]fgid train {kind}[/]: {escape(cfg.dataset_url)} -> "
         f"{escape(str(cfg.train.output_dir))}, {cfg.train.max_steps} steps"
     )
     if prefect:
-        import flows.train as train_flows
+        with prefect_session():
+            import flows.train as train_flows
 
-        flow = {"consistentid": train_flows.train_consistentid,
-                "faceclip": train_flows.train_faceclip}[kind]  # fmt: skip
-        report = flow(config=cfg)
+            flow = {"consistentid": train_flows.train_consistentid,
+                    "faceclip": train_flows.train_faceclip}[kind]  # fmt: skip
+            report = flow(config=cfg)
     else:
-        from flows.train import train_report  # plain Python: no flow run is started
+        from flows.train import run_training  # plain Python: no flow run is started
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        if kind == "consistentid":
-            from training.consistentid.train import train_consistentid as run
-        else:
-            from training.faceclip.train import train_faceclip as run
-        report = train_report(run(cfg))
+        report = run_training(kind, cfg)
     table = Table(title=f"fgid train {kind}", show_header=False)
     for row in report["rows"]:
         table.add_row(row["metric"], str(row["value"]))
@@ -193,14 +188,18 @@ def evaluate_cmd(
         "metrics.fid": fid,
     }  # fmt: skip
     cfg = _typed_config(EvaluateConfig, config, set_, **flags)
+    from training.preflight import check_evaluation
+
+    check_evaluation(cfg)  # the dataset and every weight, before a server starts or a model loads
     console.print(
         f"[bold]fgid evaluate[/]: {cfg.generator.kind} on {escape(cfg.dataset_url)} -> "
         f"{escape(cfg.out_dir)}"
     )
     if prefect:
-        from flows.train import evaluate as evaluate_flow
+        with prefect_session():
+            from flows.train import evaluate as evaluate_flow
 
-        summary = evaluate_flow(config=cfg)["summary"]
+            summary = evaluate_flow(config=cfg)["summary"]
     else:
         from training.evaluation.run import run_evaluation
 

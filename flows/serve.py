@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import signal
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,7 +18,9 @@ from prefect.types.entrypoint import EntrypointType
 
 import storage
 from fgid.config import BuildConfig
-from flows.build import build
+from flows.build import build, run_tags
+from flows.build_artifacts import artifact_key, dataset_name
+from storage.credentials import check_url
 
 PLACEHOLDERS = {"{date}": "%Y-%m-%d", "{datetime}": "%Y-%m-%d_%H%M%S"}
 
@@ -37,11 +40,16 @@ def _scheduled_out(out: str, timezone: str) -> str:
     return expand_out(out, flow_run.scheduled_start_time.astimezone(ZoneInfo(timezone)))
 
 
+def scheduled_run_name(out: str, timezone: str, when: dt.datetime) -> str:
+    """`scheduled-fgid-2026-11-03`: the folder the run builds, known as soon as it is planned."""
+    return f"scheduled-{storage.name(expand_out(out, when.astimezone(ZoneInfo(timezone))))}"
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"scheduled-{storage.name(_scheduled_out(params['out'], params['timezone']))}"
+    return scheduled_run_name(params["out"], params["timezone"], flow_run.scheduled_start_time)
 
 
 @flow(name="fgid-scheduled-build", flow_run_name=_run_name, log_prints=False)
@@ -51,9 +59,28 @@ def scheduled_build(
     """Run the fgid-build flow into `out`, `{date}`/`{datetime}` taken from the scheduled time."""
     config = config or BuildConfig()
     runner = ThreadPoolTaskRunner(max_workers=config.workers)
-    return build.with_options(task_runner=runner)(
-        inputs=inputs, out=_scheduled_out(out, timezone), config=config
+    state = build.with_options(task_runner=runner)(
+        inputs=inputs, out=_scheduled_out(out, timezone), config=config, return_state=True
     )
+    _link_build_run(state, out)
+    return state.result()
+
+
+def _link_build_run(state, out: str) -> None:
+    # The build's artifacts hang off its own (child) run; point at it from this one, which is
+    # what the deployment's run list shows.
+    from prefect.artifacts import create_link_artifact
+    from prefect.utilities.urls import url_for
+
+    run_id = state.state_details.flow_run_id
+    url = url_for("flow-run", obj_id=run_id) if run_id else None
+    if url:
+        create_link_artifact(
+            url,
+            link_text=f"build run ({state.name})",
+            key=artifact_key("build-run", dataset_name(out)),
+            description="The fgid-build run of this scheduled build: progress, shards, summary",
+        )
 
 
 def _absolute(path: str) -> str:
@@ -71,7 +98,13 @@ def build_deployment(
     interval: float | None = None,
     timezone: str = "UTC",
 ) -> RunnerDeployment:
-    """The deployment `serve_build` serves: exactly one of `cron` or `interval` (seconds)."""
+    """The deployment `serve_build` serves: exactly one of `cron` or `interval` (seconds).
+
+    Every input, the output and the labels path are checked for embedded credentials first:
+    the deployment's parameters and description are stored on the Prefect server."""
+    config = config or BuildConfig()
+    for url in [*map(str, inputs), str(out), *([config.labels] if config.labels else [])]:
+        check_url(url)  # the message never repeats the URL
     if (cron is None) == (interval is None):
         raise ValueError("give exactly one of cron or interval")
     if interval is not None and interval <= 0:
@@ -84,7 +117,6 @@ def build_deployment(
         schedule = Cron(cron, timezone=timezone)
     else:
         schedule = Interval(dt.timedelta(seconds=interval), timezone=timezone)
-    config = config or BuildConfig()
     return scheduled_build.to_deployment(
         name=name,
         schedule=schedule,
@@ -100,7 +132,8 @@ def build_deployment(
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
         ),
-        tags=["fgid"],
+        # Runs take the deployment's tags when the scheduler creates them, before they start.
+        tags=[*run_tags(dataset_name(out), config), "scheduled"],
         description=f"fgid build of {len(inputs)} input(s) into {out}",
         # A module path works from any directory where fgid is installed.
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -128,15 +161,54 @@ async def _serve(deployment: RunnerDeployment) -> None:
     runner.handle_sigterm = request_stop  # Runner.start installs it for SIGTERM
     signal.signal(signal.SIGTERM, request_stop)
     loop.add_signal_handler(signal.SIGINT, request_stop)
-    await runner.aadd_deployment(deployment)
+    deployment_id = await runner.aadd_deployment(deployment)
     if stop.is_set():
         return
     async with asyncio.TaskGroup() as group:
         group.create_task(runner.start())
+        naming = group.create_task(name_scheduled_runs(deployment_id, deployment.parameters))
         await stop.wait()
+        naming.cancel()
         while not runner.started:  # astop refuses a runner that is still starting
             await asyncio.sleep(0.1)
         await runner.astop()
+
+
+async def name_scheduled_runs(deployment_id, parameters: dict, every: float = 5.0) -> None:
+    """Give each scheduled run its name as soon as the scheduler creates it.
+
+    The server names a deployment's runs at random ("bold-okapi"); the flow's own name
+    (`scheduled-fgid-2026-11-03`) would appear only once a run starts, leaving the upcoming
+    runs in the UI anonymous until then."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    out, timezone = parameters["out"], parameters["timezone"]
+    scheduled = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+    )
+    while True:
+        try:
+            async with get_client() as client:
+                runs = await client.read_flow_runs(
+                    flow_run_filter=scheduled,
+                    deployment_filter=DeploymentFilter(id={"any_": [deployment_id]}),
+                )
+                for run in runs:
+                    when = run.expected_start_time or run.next_scheduled_start_time
+                    if when is None or run.name.startswith("scheduled-"):
+                        continue
+                    name = scheduled_run_name(out, timezone, when)
+                    await client.update_flow_run(run.id, name=name)
+        except Exception as error:  # noqa: BLE001 - names are cosmetic; never stop serving
+            logging.getLogger(__name__).debug("naming scheduled runs: %s", error)
+        await asyncio.sleep(every)
 
 
 def serve_build(

@@ -16,14 +16,17 @@ from prefect.cache_policies import NO_CACHE
 
 import storage
 from fgid.config import BuildConfig
+from fgid.errors import FailureError
 from flows.build import artifact_key, tag_flow_run
 from flows.build import build as build_flow
 from flows.secrets import load_storage_secret
+from training.checkpoints import FINAL_DIR
 from training.consistentid.train import ConsistentIDTrainConfig
 from training.evaluation.config import EvaluateConfig, GeneratorConfig
 from training.evaluation.run import SUMMARY_COLUMNS, TITLES, summary_markdown
 from training.faceclip.train import FaceCLIPTrainConfig
 from training.loop import TrainResult
+from training.preflight import CONSISTENTID_ID_DIM, DatasetUnusable, check_evaluation
 
 
 def _finite(value: float | None, digits: int = 2) -> float | None:
@@ -81,6 +84,7 @@ def _evaluate_run_name() -> str:
 def evaluate(config: EvaluateConfig) -> dict:
     """Generate each reference identity once per prompt, score the images, publish the tables."""
     load_storage_secret()
+    check_evaluation(config)  # a missing weight or unusable dataset, before any model loads
     dataset = storage.name(config.dataset_url)
     tag_flow_run(["fgid", "evaluate", f"dataset:{dataset}", f"generator:{config.generator.kind}"])
     name = storage.name(config.out_dir)
@@ -134,15 +138,36 @@ def train_report(result: TrainResult) -> dict:
     return report
 
 
-# A retry resumes from the latest checkpoint when train.resume_from is "latest" (the default),
-# so it repeats at most `checkpoint_every` steps of work.
-@task(retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE, log_prints=False)
-def train_model(kind: str, config: ConsistentIDTrainConfig | FaceCLIPTrainConfig) -> dict:
+class NoFinalWeights(FailureError):
+    """A training run ended without exported weights: nothing to evaluate or hand on."""
+
+
+def run_training(kind: str, config: ConsistentIDTrainConfig | FaceCLIPTrainConfig) -> dict:
+    """Train (or resume) in this process; the report always names existing final weights."""
     if kind == "consistentid":
         from training.consistentid.train import train_consistentid as run
     else:
         from training.faceclip.train import train_faceclip as run
-    report = train_report(run(config))
+    return require_final(kind, config, train_report(run(config)))
+
+
+def require_final(kind: str, config, report: dict) -> dict:
+    """`report`, if it names final weights; what follows a training must never get None."""
+    if not report["final_dir"]:
+        output = storage.join(str(config.train.output_dir), FINAL_DIR)
+        raise NoFinalWeights(
+            f"{kind} training stopped at step {report['step']} without writing {output}; "
+            "rerun the same command to export it from the last checkpoint"
+        )
+    return report
+
+
+# A retry resumes from the latest checkpoint when train.resume_from is "latest" (the default),
+# so it repeats at most `checkpoint_every` steps of work, and writes a final export that a crash
+# had stopped.
+@task(retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE, log_prints=False)
+def train_model(kind: str, config: ConsistentIDTrainConfig | FaceCLIPTrainConfig) -> dict:
+    report = run_training(kind, config)
     get_run_logger().info(
         "%s: step %d, final loss %s, %.2f samples/s, loader wait %.1f%%",
         kind,
@@ -238,6 +263,7 @@ def build_train_evaluate(
       (baseline.TextOnlyGenerator, an SD 1.5 pipeline) as the comparison row."""
     logger = get_run_logger()
     tag_flow_run(["fgid", "build-train-evaluate", f"dataset:{storage.name(out)}"])
+    _check_before_build(build_config, consistentid, faceclip_align, faceclip_sdxl, evaluation)
     results: dict = {"build": build_flow(inputs=inputs, out=out, config=build_config)}
     trained: list[tuple[str, str, str]] = []  # (generator kind, base model, weights)
     if consistentid is not None:
@@ -274,3 +300,36 @@ def build_train_evaluate(
         logger.info("evaluating %s into %s", generator.kind, config.out_dir)
         results[f"evaluate_{sub.replace('-', '_')}"] = evaluate(config=config)
     return results
+
+
+def _check_before_build(build_config, consistentid, faceclip_align, faceclip_sdxl, evaluation):
+    """What can be known before the build: every weight the later stages load (not those the
+    run itself will write), and whether ConsistentID can use the set's embeddings."""
+    from fgid.weights import MissingWeights, Weight
+    from training import weights
+
+    models = (build_config or BuildConfig()).models
+    if consistentid is not None and consistentid.id_dim is None and models.set == "lite":
+        raise DatasetUnusable(
+            f"ConsistentID needs {CONSISTENTID_ID_DIM}-d ArcFace identity embeddings, which the "
+            "lite set does not make: build with the full set, or set id_dim=128 in its config"
+        )
+    rows: list[Weight] = []
+    if consistentid is not None:
+        rows += weights.for_consistentid(consistentid)
+    for config in (faceclip_align, faceclip_sdxl):
+        if config is not None:
+            rows += weights.faceclip_weights(
+                config.stage, config.base_model, config.face_encoder, config.image_model, None
+            )
+    if evaluation is not None:
+        m = evaluation.metrics
+        kinds = {"consistentid": consistentid, "faceclip": faceclip_sdxl}
+        for kind, trained in kinds.items():
+            if trained is not None:
+                rows += weights.evaluation_weights(
+                    kind, trained.base_model, None, m.clip, m.dino, m.fid, m.faces
+                )
+    missing = [w.missing() for w in weights.merged(rows) if not w.present and not w.note]
+    if missing:
+        raise MissingWeights(missing)

@@ -10,7 +10,7 @@ talks to Prefect. Nothing here is ever logged, and credentials never travel insi
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 S3_PROTOCOLS = ("s3", "s3a")
 KEYS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
@@ -38,14 +38,26 @@ def storage_options(protocol: str | None) -> dict:
     return options
 
 
-def check_url(url: str) -> None:
-    """Refuse URLs that carry credentials (user:secret@host, presigned query strings).
+# Query parameters that carry a secret: S3/GCS presigned URLs, Azure SAS tokens, OAuth tokens.
+SECRET_QUERY = frozenset(
+    {
+        "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+        "x-goog-signature", "x-goog-credential", "sig", "token", "access_token",
+    }
+)  # fmt: skip
 
-    Such a URL would end up in flow parameters, plans and logs; the message never repeats it."""
-    parts = urlsplit(url)
-    query = parts.query.lower()
-    if "@" in parts.netloc or "signature=" in query or "x-amz-credential" in query:
-        raise ValueError(
-            f"{parts.scheme}:// URL with embedded credentials refused; set them in the "
-            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a Prefect Secret block"
-        )
+
+def check_url(url: str) -> None:
+    """Refuse a URL that carries credentials (user:secret@host, a presigned query string).
+
+    Every link of an fsspec chain (`simplecache::s3://...`) is checked. Such a URL would end up
+    in flow parameters, plans, shard indexes and logs; the message never repeats it."""
+    for link in str(url).split("::"):
+        parts = urlsplit(link)
+        names = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        if "@" in parts.netloc or names & SECRET_QUERY:
+            scheme = f"{parts.scheme}://" if parts.scheme else "a"
+            raise ValueError(
+                f"{scheme} URL with embedded credentials refused; set them in the environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a Prefect Secret block"
+            )

@@ -54,10 +54,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture()
 def prefect_home(tmp_path, monkeypatch):
-    """A private Prefect home: its own SQLite database and temporary server per test."""
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    """A private Prefect home: its own SQLite database and server; the server stops after."""
+    from flows.local_server import stop_server
+
+    home = tmp_path / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    return tmp_path / "prefect-home"
+    yield home
+    stop_server(home)  # the server a CLI run in this home started, kept for later runs
 
 
 @pytest.fixture(scope="session")

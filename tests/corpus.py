@@ -28,13 +28,19 @@ EXIF_ROTATED = "exif_rotated.jpg"
 UNICODE_NAME = "Zoë 顔 photo.v2.final.jpg"
 GROUP = "group.jpg"
 BOMB_SIDE = 20_000
+# A file name that is not valid UTF-8 (Latin-1 "café"), and how the index shows it.
+NON_UTF8_NAME = b"caf\xe9 latin1.jpg"
+NON_UTF8_SHOWN = "caf\\xe9 latin1.jpg"
 # What each unreadable entry is, so a test can say which kinds were exercised.
 UNREADABLE_KINDS = {
     "broken_link.jpg": "symlink to a file that does not exist",
     "locked.jpg": "file with mode 000 (made only where that blocks reading, i.e. not as root)",
     "missing.jpg": "listed in the list file, does not exist",
-    "folder.jpg": "a directory with an image suffix, listed in the list file",
+    NON_UTF8_SHOWN: "a readable photo whose file name is not valid UTF-8",
 }
+# Special files a folder walk or a list can name; tests/test_special_files.py makes the ones a
+# build could hang or run out of memory on (a FIFO, a socket, /dev/zero) in a capped process.
+NOT_REGULAR_KINDS = {"folder.jpg": "a directory with an image suffix, listed in the list file"}
 
 
 def jpeg_bytes(image: Image.Image | np.ndarray, quality: int = 92, **save: object) -> bytes:
@@ -157,7 +163,11 @@ def make_bad_corpus(folder: str | Path) -> dict[str, str]:
 
     # A directory with an image suffix: a folder walk skips it, a list file can still name it.
     (images / "folder.jpg").mkdir()
-    expected["folder.jpg"] = "unreadable"
+    expected["folder.jpg"] = "not_regular_file"
+    # One undecodable name gives one row; it must not abort the plan for everything else.
+    with open(os.path.join(os.fsencode(images), NON_UTF8_NAME), "wb") as handle:
+        handle.write(jpeg_bytes(hopper))
+    expected[NON_UTF8_SHOWN] = "unreadable"
     expected["missing.jpg"] = "unreadable"
     (root / LIST_FILE).write_text(
         f"# paths relative to this file\n{IMAGES}/folder.jpg\nmissing.jpg\n"

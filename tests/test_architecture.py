@@ -52,3 +52,76 @@ def test_importing_fgid_loads_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# Inside fgid/: the format layer (schema, shard tars, the dataset) knows nothing of the
+# commands built on it, and the build does not reach into takedowns or caption runs.
+LOW_LEVEL = ("fgid.schema", "fgid.shardtar", "fgid.dataset", "fgid.writer")
+FEATURES = ("fgid.pipeline", "fgid.removal", "fgid.caption_run", "fgid.recaption",
+            "fgid.export", "fgid.finalize", "fgid.card")  # fmt: skip
+LAYERS = {
+    **{low: FEATURES for low in LOW_LEVEL},
+    "fgid.pipeline": ("fgid.removal", "fgid.caption_run", "fgid.recaption", "fgid.export"),
+}
+
+
+def fgid_imports(path: Path) -> set[str]:
+    """Full names of the fgid modules `path` imports, at any depth of the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("fgid"))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from fgid import schema` imports fgid.schema; `from fgid.x import f`, fgid.x.
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+            names.add(node.module)
+    return names
+
+
+def fgid_graph() -> dict[str, set[str]]:
+    modules = {}
+    for path in (ROOT / "fgid").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return {
+        name: {m for m in fgid_imports(path) if m in modules and m != name and m.startswith("fgid")}
+        for name, path in modules.items()
+    }
+
+
+def test_format_layer_does_not_import_the_commands():
+    graph = fgid_graph()
+    offenders = {
+        low: sorted(m for m in graph.get(low, ()) if m.startswith(banned))
+        for low, banned in LAYERS.items()
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_import_cycles_among_fgid_modules():
+    graph = fgid_graph()
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # A package importing its own submodules is not a loop.
+    real = [c for c in cycles if not all(c[0].startswith(m) or m.startswith(c[0]) for m in c)]
+    assert real == []
+
+
+def test_cycle_detector_sees_a_loop_hidden_in_a_function(tmp_path):
+    sample = tmp_path / "m.py"
+    sample.write_text("def f():\n    from fgid.caption_run import CAPTIONS_DIR\n")
+    assert "fgid.caption_run" in fgid_imports(sample)

@@ -14,12 +14,16 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from fgid.inputs import UNDECODABLE
 from fgid.pipeline import build
 from fgid.schema import REASONS, reason_code
 from fgid.stages.detect import choose_primary
 from tests.corpus import (
     EXIF_ROTATED,
     GROUP,
+    NON_UTF8_NAME,
+    NON_UTF8_SHOWN,
+    NOT_REGULAR_KINDS,
     UNICODE_NAME,
     UNREADABLE_KINDS,
     corpus_inputs,
@@ -61,6 +65,7 @@ def test_corpus_expectations_use_known_reason_codes(corpus):
         "too_large",
         "no_face",
         "unreadable",
+        "not_regular_file",
         "ok",
     ):
         assert code in expected.values()
@@ -71,13 +76,20 @@ def test_unreadable_entries_really_cannot_be_read(corpus):
     unreadable = [name for name, outcome in expected.items() if outcome == "unreadable"]
     # Mode 000 only blocks reading for non-root users; the corpus includes it only then.
     assert ("locked.jpg" in unreadable) == (os.geteuid() != 0)
-    assert {"broken_link.jpg", "missing.jpg", "folder.jpg"} <= set(unreadable)
+    assert {"broken_link.jpg", "missing.jpg", NON_UTF8_SHOWN} <= set(unreadable)
     assert set(unreadable) <= set(UNREADABLE_KINDS)
-    for name in unreadable:
+    for name in set(unreadable) - {NON_UTF8_SHOWN}:
         candidates = [folder / "images" / name, folder / name]
         for path in candidates:
             with pytest.raises(OSError):
                 path.read_bytes()
+    # The undecodable name is a real photo: only its name cannot be stored as text.
+    assert (os.fsencode(folder / "images") + b"/" + NON_UTF8_NAME) in {
+        os.fsencode(p) for p in (folder / "images").iterdir()
+    }
+    special = [name for name, outcome in expected.items() if outcome == "not_regular_file"]
+    assert set(special) == set(NOT_REGULAR_KINDS)
+    assert all((folder / "images" / name).is_dir() for name in special)
 
 
 def test_build_completes_with_several_shards(built):
@@ -123,6 +135,14 @@ def test_group_photo_records_all_faces(built):
     row = by_name(index)[GROUP]
     assert row["status"] == "ok"
     assert row["face_count"] >= 4
+
+
+def test_an_undecodable_name_is_one_row_marked_as_such(built):
+    _, _, index, _ = built
+    row = by_name(index)[NON_UTF8_SHOWN]
+    assert row["status"] == "rejected"
+    assert row["reason"] == "unreadable: file name is not valid UTF-8"
+    assert row["source"].startswith(UNDECODABLE) and "\\xe9" in row["source"]
 
 
 def test_unicode_name_with_dots_and_spaces_is_kept(built):

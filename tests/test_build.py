@@ -132,10 +132,14 @@ def test_rerun_skips_done_shards_and_refuses_other_settings(built, demo_inputs, 
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
     assert build([str(demo_inputs)], out, lite_config) == summary
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
-    with pytest.raises(OutputMismatch, match="another configuration"):
+    with pytest.raises(OutputMismatch, match="another configuration") as error:
         build([str(demo_inputs)], out, lite_config.with_overrides(**{"align.size": 256}))
-    with pytest.raises(OutputMismatch, match="other inputs"):
+    assert "align.size 512 -> 256" in str(error.value) and "new --out" in str(error.value)
+    inputs = len(list(demo_inputs.iterdir()))
+    with pytest.raises(OutputMismatch, match="other inputs") as error:
         build([str(demo_inputs / "astronaut.png")], out, lite_config)
+    assert f"{inputs - 1} missing since the first run" in str(error.value)
+    assert "the inputs of the first run" in str(error.value)
 
 
 def test_failed_shard_leaves_nothing_behind(tmp_path, demo_inputs, lite_config, lite_models):

@@ -14,7 +14,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from fgid.export import JSON_NAME, EmbeddingDimError, export_consistentid
+from fgid.dataset import NotADataset
+from fgid.export import JSON_NAME, MANIFEST_NAME, EmbeddingDimError, export_consistentid
 from fgid.pipeline import build
 from fgid.removal import remove_samples
 
@@ -151,6 +152,18 @@ def test_reexport_after_takedown_deletes_the_removed_files(full_dataset, exporte
     assert not any(gone["key"] in p.name for p in out.rglob("*"))
 
 
+def test_reexport_deletes_only_files_it_wrote(full_dataset, exported, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(exported[0], out)
+    mine = {out / "images" / "my-photo.jpg": b"a user's own file", out / "notes.pt": b"x"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    listed = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert len(listed) == exported[1]["files"]
+    assert export_consistentid(str(full_dataset), str(out))["pruned"] == 0
+    assert all(path.read_bytes() == data for path, data in mine.items())
+
+
 def test_lite_embeddings_are_refused_naming_the_dimension(lite_dataset, tmp_path):
     with pytest.raises(EmbeddingDimError, match=r"128-d.*--models full") as error:
         export_consistentid(str(lite_dataset), str(tmp_path / "out"))
@@ -174,5 +187,5 @@ def test_allow_any_dim_resizes_to_512_and_says_so(lite_dataset, tmp_path):
 
 
 def test_a_folder_that_is_not_a_build_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="identities.parquet"):
+    with pytest.raises(NotADataset, match="no build.json"):
         export_consistentid(str(tmp_path), str(tmp_path / "out"))

@@ -170,3 +170,134 @@ def test_a_model_failure_aborts_the_shard_and_stops_the_loader(
     assert not shard_done(tmp_path, 0)
     assert list((tmp_path / "shards").iterdir()) == []
     assert loader_threads() == []
+
+
+def gray16_png(side: int) -> bytes:
+    """A 16-bit grayscale gradient: small on disk, 2 bytes a pixel decoded, 3 as RGB."""
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, side).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(ramp, (side, 1))).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decode_ahead(
+    source: str, config: DecodeConfig, chunks: list, depth: int, pool=None, work: float = 0.05
+) -> list:
+    """Decode `chunks` (lists of sample numbers) `depth` batches ahead of a consumer that works
+    `work` seconds on each batch."""
+    stage = ThreadedDecodeStage(config, pool) if pool else DecodeStage(config)
+
+    def load(chunk: list[int]) -> list[Sample]:
+        batch = [Sample(f"k{i}", 0, source) for i in chunk]
+        stage(batch)
+        return batch
+
+    kept = []
+    with ReadAhead(load, chunks, depth) as batches:
+        for batch in batches:
+            time.sleep(work)  # the model stages
+            kept.append([(s.status, s.image.shape if s.image is not None else None) for s in batch])
+            for sample in batch:
+                sample.release()
+    return kept
+
+
+@pytest.fixture(scope="module")
+def heavy_png(tmp_path_factory) -> tuple[str, int]:
+    """A 16-bit PNG and the bytes decoding it reserves (its peak estimate)."""
+    side = 1200
+    path = tmp_path_factory.mktemp("heavy") / "scan16.png"
+    path.write_bytes(gray16_png(side))
+    return str(path), side * side * (2 * 2 + 4)
+
+
+def test_read_ahead_holds_decoded_bytes_under_the_budget(heavy_png):
+    from fgid.budget import BUDGET
+
+    source, estimate = heavy_png
+    chunks = [[i] for i in range(8)]
+    peaks = {}
+    for budget_mb in (24, 10_000):
+        BUDGET.reset_peak()
+        kept = decode_ahead(source, DecodeConfig(memory_budget_mb=budget_mb), chunks, depth=6)
+        assert kept == [[("ok", (1200, 1200, 3))]] * 8
+        assert BUDGET.in_flight == 0  # everything released once the read-ahead is left
+        peaks[budget_mb] = BUDGET.peak
+    assert estimate < peaks[24] <= 24 << 20
+    assert peaks[10_000] > 24 << 20  # without the budget the read-ahead runs further ahead
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_larger_than_the_budget_is_decoded_alone(heavy_png):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fgid.budget import BUDGET
+
+    source, estimate = heavy_png
+    BUDGET.reset_peak()
+    with ThreadPoolExecutor(2) as pool:
+        kept = decode_ahead(
+            source, DecodeConfig(memory_budget_mb=1), [[0, 1], [2, 3], [4, 5]], depth=3, pool=pool
+        )
+    assert kept == [[("ok", (1200, 1200, 3))] * 2] * 3
+    # One batch at a time: its two images, and what the batch before still held.
+    assert BUDGET.peak <= 2 * estimate + 2 * 1200 * 1200 * 3
+    assert BUDGET.in_flight == 0
+
+
+RSS_CHILD = """
+import json, os, sys, threading, time
+from fgid.config import DecodeConfig
+from tests.test_prefetch import decode_ahead
+args = json.loads(sys.argv[1])
+config = DecodeConfig(memory_budget_mb=args["budget_mb"])
+decode_ahead(args["source"], config, [[0]], depth=1)  # warm up: imports, decoder tables
+
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+baseline, peak, done = rss(), [0], threading.Event()
+
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+# Model stages slower than decoding: without a budget, all eight images are soon held at once.
+decode_ahead(args["source"], config, [[i] for i in range(8)], depth=8, work=1.0)
+done.set()
+watcher.join()
+print(json.dumps({"growth": peak[0] - baseline}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_budget_bounds_the_memory_of_a_process(tmp_path):
+    import subprocess
+    import sys
+
+    side = 3000  # 9 megapixels: 27 MB as RGB, 72 MB reserved while decoding
+    source = tmp_path / "scan16.png"
+    source.write_bytes(gray16_png(side))
+    root = Path(__file__).resolve().parents[1]
+    growth = {}
+    for budget_mb in (128, 10_000):
+        args = json.dumps({"source": str(source), "budget_mb": budget_mb})
+        done = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        growth[budget_mb] = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+    assert growth[128] < (128 + 96) << 20, growth
+    assert growth[10_000] > growth[128] + (64 << 20), growth

@@ -222,3 +222,13 @@ def test_unknown_identity_is_a_value_error(dataset):
     with pytest.raises(ValueError, match="exactly one"):
         remove_samples(dataset, reason="ticket 22")
     assert not (dataset / "removals").exists()
+
+
+def test_url_sources_are_matched_as_the_plan_spells_them(tmp_path, monkeypatch):
+    from fgid.inputs import sample_key as planned_key
+    from fgid.removal import _source
+
+    monkeypatch.chdir(tmp_path)
+    url = "s3://bucket/photos/a.jpg"
+    assert sample_key(_source(url)) == planned_key(url)  # abspath would make it ./s3:/bucket/...
+    assert _source("photos/a.jpg") == str(tmp_path / "photos" / "a.jpg")

@@ -4,6 +4,10 @@ A checkpoint is Accelerate's full state (models, optimiser, scheduler, RNG, regi
 plus `trainer_state.json`, written last: a folder without that file is an interrupted save and is
 neither resumed from nor counted. Saving goes to a temporary folder that is renamed into place,
 so a crash mid-save never leaves a half-written `checkpoint-{step}`.
+
+The run's exported weights go to `final/` the same way: written into `.final.tmp`, its own
+`trainer_state.json` (the step they come from) last, then renamed. A run is complete when `final/`
+holds the state of its last checkpoint; until then a rerun exports again.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 STATE_FILE = "trainer_state.json"
+FINAL_DIR = "final"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -97,3 +103,31 @@ def load_checkpoint(accelerator, path: str | Path) -> dict[str, Any]:
     """Restore Accelerate's state from `path`; returns the trainer state saved with it."""
     accelerator.load_state(str(path))
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def final_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / FINAL_DIR
+
+
+def final_step(output_dir: str | Path) -> int | None:
+    """The step of a complete `final/` export, or None when there is none (or it is unfinished,
+    or from before exports recorded their step)."""
+    state = final_dir(output_dir) / STATE_FILE
+    try:
+        return int(json.loads(state.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_final(output_dir: str | Path, step: int, write: Callable[[Path], None]) -> Path:
+    """`write(folder)` the exported weights, then mark them as step `step` and move them to
+    `final/`. A crash at any point leaves no `final/` claiming this step."""
+    final = final_dir(output_dir)
+    tmp = Path(output_dir) / f".{FINAL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step}, indent=2))  # last: the commit point
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final

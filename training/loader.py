@@ -39,6 +39,7 @@ from webdataset.tariterators import tarfile_samples
 
 import storage
 from storage.gopen import register
+from training.consistentid.batch import ConsistentIDBatch
 from training.pairs import IdentityTable, draw
 from training.reference import Reference, decode_sample, shard_id
 from training.regions import (
@@ -47,14 +48,11 @@ from training.regions import (
     CLIP_STD,
     arcface_crop,
     clip_preprocess,
-    region_images,
-    region_masks,
-    resize_label_map,
     to_unit_range,
 )
 from training.stream import shard_urls
 from training.tarindex import ShardReader
-from training.text import add_facial_token, build_prompt, tokenize_facial
+from training.text import add_facial_token
 
 log = logging.getLogger(__name__)
 
@@ -246,51 +244,14 @@ class FaceBatches(IterableDataset):
         return target, decode_sample(ref_members, ref_key, target.identity), True
 
 
-class ConsistentIDBatch:
-    """Items -> the ConsistentID batch dict (contracts: target, text, reference)."""
+class Identified:
+    """A batch maker with the identity fields added (picklable, for spawned workers)."""
 
-    def __init__(self, tokenizer, config: LoaderConfig) -> None:
-        self.tokenizer, self.config = tokenizer, config
+    def __init__(self, make_batch: Callable[[list[Item]], dict]) -> None:
+        self.make_batch = make_batch
 
     def __call__(self, items: list[Item]) -> dict:
-        cfg, size = self.config, self.config.resolution
-        targets, refs = [t for t, _, _ in items], [r for _, r, _ in items]
-        labels = np.stack([resize_label_map(t.label_map, size) for t in targets])
-        masks = np.stack([region_masks(label) for label in labels])
-        present = masks.any(axis=(2, 3))
-        ref_present = np.stack([region_masks(r.label_map).any(axis=(1, 2)) for r in refs])
-        texts, ids, positions = [], [], []
-        for t, both in zip(targets, present & ref_present, strict=True):
-            text = build_prompt(t.caption, t.facial, self.tokenizer, cfg.max_length)
-            input_ids, index = tokenize_facial(self.tokenizer, text, both, cfg.max_length)
-            texts.append(text)
-            ids.append(input_ids)
-            positions.append(index)
-        # Absent regions stay zero (the reference's padding), so only present ones are resized.
-        views = np.concatenate(
-            [np.stack([r.image for r in refs])]
-            + [
-                region_images(r.image, r.label_map)[p]
-                for r, p in zip(refs, ref_present, strict=True)
-            ]
-        )
-        clip = clip_preprocess(views, cfg.clip_size, cfg.clip_mean, cfg.clip_std)
-        regions = torch.zeros(len(refs), len(ref_present[0]), *clip.shape[1:])
-        regions[torch.from_numpy(ref_present)] = clip[len(refs) :]
-        return {
-            **_identity_fields(items),
-            "text": texts,
-            "pixel_values": to_unit_range(np.stack([t.image for t in targets]), size),
-            "foreground_mask": torch.from_numpy(labels != 0)[:, None].float(),
-            "region_masks": torch.from_numpy(masks).float(),
-            "region_present": torch.from_numpy(present),
-            "input_ids": torch.stack(ids),
-            "region_token_index": torch.stack(positions),
-            "ref_face_pixel_values": clip[: len(refs)],
-            "ref_region_pixel_values": regions,
-            "ref_region_present": torch.from_numpy(ref_present),
-            "ref_id_embeds": torch.from_numpy(np.stack([r.embedding for r in refs])),
-        }
+        return {**_identity_fields(items), **self.make_batch(items)}
 
 
 class FaceCLIPBatch:
@@ -335,11 +296,13 @@ def consistentid_loader(
     *,
     rank: int | None = None,
     world_size: int | None = None,
+    keep_facial_token: bool = False,
 ) -> DataLoader:
-    """ConsistentID batches; adds FACIAL_TOKEN to `tokenizer` if it lacks it."""
+    """ConsistentID batches (training/consistentid/batch.py); adds FACIAL_TOKEN to `tokenizer`
+    if it lacks it."""
     config = config or LoaderConfig()
     add_facial_token(tokenizer)
-    batcher = ConsistentIDBatch(tokenizer, config)
+    batcher = Identified(ConsistentIDBatch(tokenizer, config, keep_facial_token))
     return _loader(dataset_url, config, batcher, start_batch, rank, world_size)
 
 

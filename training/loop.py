@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +21,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from training.checkpoints import (
+    final_dir,
+    final_step,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_final,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +116,13 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig):
     return optimizer, scheduler
 
 
-def _export(accelerator, model, export, output_dir: Path) -> Path:
-    final = output_dir / "final"
-    tmp = output_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    export(accelerator.unwrap_model(model), tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+def _export(accelerator, model, export, output_dir: Path, step: int, fresh: bool) -> Path | None:
+    """Write `final/` when this call trained (`fresh`) or `final/` does not hold this step: a
+    rerun after a crash mid-export (the last checkpoint saved, `final/` not) writes it then."""
+    if accelerator.is_main_process and (fresh or final_step(output_dir) != step):
+        save_final(output_dir, step, lambda folder: export(accelerator.unwrap_model(model), folder))
+    accelerator.wait_for_everyone()
+    return final_dir(output_dir) if final_step(output_dir) == step else None
 
 
 def _checkpoint(accelerator, config: TrainConfig, step: int, samples: int) -> None:
@@ -136,7 +140,9 @@ def train(
     config: TrainConfig,
     export: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> TrainResult:
-    """Train until `config.max_steps` optimiser steps (or the stream ends), resuming if asked."""
+    """Train until `config.max_steps` optimiser steps (or the stream ends), resuming if asked,
+    then export to `final/`. Rerunning a finished run trains nothing and returns its `final/`,
+    writing it first if a crash had stopped the export."""
     from accelerate.utils import set_seed
 
     output_dir = Path(config.output_dir)
@@ -152,9 +158,21 @@ def train(
         step = int(load_checkpoint(accelerator, resumed)["step"])
         log.info("resumed from %s at step %d", resumed, step)
     result = TrainResult(step=step, start_step=step, resumed_from=resumed)
-    if step >= config.max_steps:
-        return result
+    if step < config.max_steps:
+        _fit(accelerator, model, optimizer, scheduler, step_fn, make_batches, config, result)
+    accelerator.wait_for_everyone()
+    if export is not None:
+        fresh = resumed is None or result.step > result.start_step
+        result.final_dir = _export(accelerator, model, export, output_dir, result.step, fresh)
+    accelerator.end_training()
+    return result
 
+
+def _fit(accelerator, model, optimizer, scheduler, step_fn, make_batches, config, result) -> None:
+    """Optimiser steps from `result.step` to `config.max_steps` (or the stream's end), with
+    metrics and checkpoints; fills `result`."""
+    output_dir = Path(config.output_dir)
+    step = result.step
     accum = config.gradient_accumulation_steps
     # Data loading must not draw from the training RNG: a DataLoader iterator takes its base
     # seed from torch's global generator when it starts, which a resumed run does at another
@@ -221,8 +239,3 @@ def train(
     result.seconds = time.perf_counter() - started
     result.samples_per_second = samples / result.seconds if result.seconds else 0.0
     result.loader_wait_fraction = waited / result.seconds if result.seconds else 0.0
-    accelerator.wait_for_everyone()
-    if export is not None and accelerator.is_main_process:
-        result.final_dir = _export(accelerator, model, export, output_dir)
-    accelerator.end_training()
-    return result

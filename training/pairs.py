@@ -20,11 +20,10 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
 import storage
+from fgid.dataset import IDENTITIES_FILE, Dataset
 
-IDENTITIES_FILE = "identities.parquet"
 COLUMNS = ["key", "shard", "identity", "duplicate_of"]
 
 
@@ -47,11 +46,12 @@ class IdentityTable:
     @classmethod
     def read(cls, dataset_url: str, shards: set[int] | None = None) -> IdentityTable:
         """The table of a finished build; `shards` keeps only rows in those shard ids."""
-        url = storage.join(str(dataset_url), IDENTITIES_FILE)
+        dataset = Dataset(dataset_url)
+        url = dataset.path(IDENTITIES_FILE)
         if not storage.exists(url):
             raise FileNotFoundError(f"{url} not found: identity pairing needs a finalized build")
-        with storage.open_input(url) as handle:
-            table = pq.read_table(handle, columns=COLUMNS).to_pydict()
+        # Keys are checked there: they name files (evaluation images) and tar members.
+        table = dataset.identities(COLUMNS).to_pydict()
         rows = sorted(zip(*(table[c] for c in COLUMNS), strict=True))
         if shards is not None:
             rows = [r for r in rows if r[1] in shards]

@@ -1,20 +1,29 @@
 """A decoded face sample (`Reference`), and one reference face per identity for evaluation.
 
 `decode_sample` turns a sample's tar members into arrays; training uses it for targets and
-references alike. `load_references` picks one image per identity (an original, not an exact
-copy; the choice depends only on the seed) and fetches just those samples by random access.
+references alike. Members are untrusted: the key must have our form, images are checked for
+format and pixel count before they are decoded, and `.npy` is loaded without pickles.
+`load_references` picks one image per identity (an original, not an exact copy; the choice
+depends only on the seed) and fetches just those samples by random access.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import posixpath
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from fgid import schema
+from fgid.dataset import shard_of
+from fgid.shardtar import (
+    UnsafeSample,
+    check_key,
+    decode_embedding,
+    decode_meta,
+    decode_text,
+    image_size,
+)
 from fgid.stages.align import apply_transform
 from training.pairs import IdentityTable, draw
 from training.stream import shard_urls
@@ -36,14 +45,22 @@ class Reference:
 
 
 def decode_sample(members: dict[str, bytes], key: str, identity: str) -> Reference:
-    """A Reference from a sample's members (jpg, mask.png, id.npy, json, caption/facial.txt)."""
-    meta = json.loads(members["json"])
-    image = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_COLOR)
-    label_map = cv2.imdecode(np.frombuffer(members["mask.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    """A Reference from a sample's members (jpg, mask.png, id.npy, json, caption/facial.txt);
+    UnsafeSample (a ValueError) when a member is missing or fails a check."""
+    check_key(key)
+    missing = [m for m in (schema.META, schema.IMAGE, schema.MASK) if m not in members]
+    if missing:
+        raise UnsafeSample("missing_member", f"sample {key} has no {', '.join(missing)}")
+    meta = decode_meta(members[schema.META])
+    # Header checks first: cv2 would allocate whatever the header declares.
+    image_size(members[schema.IMAGE], ("JPEG",))
+    image_size(members[schema.MASK], ("PNG",))
+    image = cv2.imdecode(np.frombuffer(members[schema.IMAGE], np.uint8), cv2.IMREAD_COLOR)
+    label_map = cv2.imdecode(np.frombuffer(members[schema.MASK], np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or label_map is None:
         raise ValueError(f"sample {key}: image or label map does not decode")
-    if "id.npy" in members:
-        embedding = np.load(io.BytesIO(members["id.npy"]), allow_pickle=False)
+    if schema.EMBEDDING in members:
+        embedding = decode_embedding(members[schema.EMBEDDING])
     else:  # the reference trainer's rule for a face without an embedding
         embedding = np.zeros(int(meta.get("embedding", {}).get("dim", 0)))
     transform = np.asarray(meta["aligned"]["transform"], dtype=np.float64)
@@ -55,8 +72,8 @@ def decode_sample(members: dict[str, bytes], key: str, identity: str) -> Referen
         label_map=label_map.astype(np.uint8),
         embedding=embedding.astype(np.float32).reshape(-1),
         landmarks=apply_transform(transform, source_points),
-        caption=members.get("caption.txt", b"").decode("utf-8"),
-        facial=members.get("facial.txt", b"").decode("utf-8"),
+        caption=decode_text(members.get(schema.CAPTION, b"")),
+        facial=decode_text(members.get(schema.FACIAL, b"")),
         gender=meta.get("gender"),
         age=meta.get("age"),
     )
@@ -64,7 +81,7 @@ def decode_sample(members: dict[str, bytes], key: str, identity: str) -> Referen
 
 def shard_id(url: str) -> int:
     """00012.tar -> 12."""
-    return int(posixpath.basename(url).split(".", 1)[0])
+    return shard_of(url)
 
 
 def load_references(

@@ -5,7 +5,8 @@ included) that parses as a small tar of its own. Scanning reads only headers on 
 (seeks over the data); on object storage it reads ahead in large blocks, about one request per
 block. The index keeps, per sample, its key and byte range in numpy arrays (~100 bytes a
 sample), so a process can hold every shard's index. Reads go through fsspec (`cat_file` with
-start and end): a plain file read locally, an HTTP range request on s3://.
+start and end): a plain file read locally, an HTTP range request on s3://. Members are judged as
+fgid.shardtar judges them: only regular members of our name form, under the size cap, count.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import io
 import logging
 import os
-import posixpath
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import storage
+from fgid.shardtar import MAX_MEMBER_BYTES, check_key, member_skip_reason, split_name
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class TarIndex:
             tarfile.open(fileobj=handle, mode="r:") as tar,
         ):
             for info in tar:
-                if not info.isfile():
+                if member_skip_reason(info) is not None:
                     continue
                 key = sample_key(info.name)
                 end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
@@ -68,18 +69,24 @@ class TarIndex:
 
     def read(self, key: str) -> dict[str, bytes]:
         """{extension: bytes} of sample `key`; KeyError if the tar has no such sample."""
+        check_key(key)
         i = self._find(key)
         if i < 0:
             raise KeyError(f"{key} is not in {self.url}")
+        start, end = int(self.starts[i]), int(self.ends[i])
+        if end - start > MAX_SAMPLE_BYTES:
+            raise ValueError(f"sample {key} spans {end - start} bytes: the tar changed")
         fs, path = storage.filesystem(self.url)
-        data = fs.cat_file(path, start=int(self.starts[i]), end=int(self.ends[i]))
-        return parse_members(data, key)
+        return parse_members(fs.cat_file(path, start=start, end=end), key)
+
+
+# A sample of a handful of members, each under the member cap.
+MAX_SAMPLE_BYTES = 16 * MAX_MEMBER_BYTES
 
 
 def sample_key(name: str) -> str:
-    """webdataset's rule: the key ends at the first dot of the file name."""
-    base = posixpath.basename(name)
-    return posixpath.join(posixpath.dirname(name), base.split(".", 1)[0])
+    """webdataset's rule: the key ends at the first dot of the member name."""
+    return name.split(".", 1)[0]
 
 
 def parse_members(data: bytes, key: str) -> dict[str, bytes]:
@@ -88,9 +95,10 @@ def parse_members(data: bytes, key: str) -> dict[str, bytes]:
     members, end = {}, 0
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for info in tar:
-            if not info.isfile() or sample_key(info.name) != key:
-                raise ValueError(f"byte range of {key} holds {info.name}: the tar changed")
-            members[info.name[len(key) + 1 :]] = tar.extractfile(info).read()
+            name = split_name(info.name)
+            if member_skip_reason(info) is not None or name is None or name[0] != key:
+                raise ValueError(f"byte range of {key} holds {info.name[:80]}: the tar changed")
+            members[name[1]] = tar.extractfile(info).read()
             end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
     if not members or end != len(data):
         raise ValueError(f"byte range of {key} does not end with its last member: the tar changed")

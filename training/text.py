@@ -1,6 +1,8 @@
-"""The multimodal prompt: region words marked with `<|facial|>` and tokenised into 77 CLIP tokens.
+"""`<|facial|>` kept as a token: the text path of ConsistentID's `keep_facial_token` option.
 
-The text is composed the way the reference ConsistentID trainer composes it (FGID_SPEC §4):
+The default text path is the released model's (training/consistentid/prompt.py), which shares
+FACIAL_TOKEN, REGION_WORDS and the tokenizer set-up below. This one composes the text like the
+reference trainer, with these differences:
 
 - From the facial description (`facial.txt`, the reference's `vqa_llva_more_face_detail`) only
   the clauses (text between `,` `.` `;`) that hold the first mention of a region word are kept;

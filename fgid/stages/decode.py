@@ -5,17 +5,37 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 import storage
+from fgid.budget import BUDGET
 from fgid.config import DecodeConfig
+from fgid.inputs import UNDECODABLE
 from fgid.sample import Sample
 from fgid.stages.base import Stage
+from storage.local import NotRegularFile, read_regular
 
 EXIF_ORIENTATION = 0x0112
+# The formats of fgid.inputs.IMAGE_SUFFIXES (the JPEG opener also gives multi-picture MPO files
+# from cameras). Pillow is never asked to try anything else, so a PostScript or PDF file named
+# .jpg is `not_an_image`, never handed to Ghostscript.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# EXIF orientation -> the transpose that shows the photo upright (as ImageOps.exif_transpose).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+# 16-bit value -> 8-bit, rounded: the conversion of a 16-bit image is one table lookup.
+SIXTEEN_TO_EIGHT = np.clip(np.arange(65536) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+ROWS_PIXELS = 1 << 20  # pixels per block where a conversion needs a wider temporary type
 
 
 class Rejected(Exception):
@@ -31,18 +51,19 @@ OBJECT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def read_source(path: str, max_bytes: int) -> bytes:
+    """A source's bytes; never more than `max_bytes + 1` are read, only regular files opened."""
+    if path.startswith(UNDECODABLE):
+        raise Rejected("unreadable", "file name is not valid UTF-8")
     if storage.is_remote(path):
         return _read_object(path, max_bytes)
-    p = Path(path)
     try:
-        size = p.stat().st_size
-        if p.is_dir():
-            raise Rejected("unreadable", "is a directory")
-        if size > max_bytes:
-            raise Rejected("file_too_large", f"{size} bytes > {max_bytes}")
-        data = p.read_bytes()
+        data = read_regular(path, max_bytes)
+    except NotRegularFile as exc:
+        raise Rejected("not_regular_file", exc.kind) from exc
     except OSError as exc:
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise Rejected("file_too_large", f"more than {max_bytes} bytes")
     if not data:
         raise Rejected("empty_file")
     return data
@@ -57,78 +78,140 @@ def _read_object(url: str, max_bytes: int) -> bytes:
         size = int(info.get("size") or 0)
         if size > max_bytes:
             raise Rejected("file_too_large", f"{size} bytes > {max_bytes}")
-        data = fs.cat_file(path)
+        if size == 0:
+            raise Rejected("empty_file")  # a range of an empty object is an error on S3
+        # A ranged read: an object replaced by a bigger one since the HEAD is still bounded.
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except OBJECT_ERRORS as exc:
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
     except ValueError as exc:  # a malformed URL, e.g. an invalid bucket name
         raise Rejected("unreadable", f"ValueError: {exc}") from exc
+    if len(data) > max_bytes:
+        raise Rejected("file_too_large", f"more than {max_bytes} bytes")
     if not data:
         raise Rejected("empty_file")
     return data
 
 
+def _pixel_bytes(im: Image.Image) -> int:
+    """Pillow's bytes per pixel for `im`'s mode: 1 for 8-bit single band, 2 for 16-bit, else 4."""
+    if im.mode in ("1", "L", "P"):
+        return 1
+    return 2 if im.mode.startswith("I;16") else 4
+
+
 def decode_image(data: bytes, config: DecodeConfig) -> tuple[np.ndarray, dict]:
-    """Bytes -> (RGB uint8 HxWx3 with EXIF orientation applied, facts about the source)."""
+    """Bytes -> (RGB uint8 HxWx3 with EXIF orientation applied, facts about the source).
+
+    The decoded pixels are reserved on the decoded-bytes budget (fgid.budget) before any is
+    decoded: an estimate of the peak while converting, settled to the RGB array kept."""
     with warnings.catch_warnings():
         # Our own pixel limit is checked below, before any pixel is decoded.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         except Image.DecompressionBombError as exc:
             raise Rejected("too_large", str(exc)) from exc
         except UnidentifiedImageError as exc:
-            raise Rejected("not_an_image", "no decoder recognised the data") from exc
+            raise Rejected("not_an_image", "no accepted format recognised the data") from exc
         except Exception as exc:  # noqa: BLE001 - a broken header can raise anything
             raise Rejected("not_an_image", f"{type(exc).__name__}: {exc}") from exc
         width, height = im.size
         if width * height > config.max_pixels:
             raise Rejected("too_large", f"{width}x{height} > {config.max_pixels} pixels")
         info = {"format": im.format, "mode": im.mode}
+        # Decoded as Pillow holds it, a converted copy, and the RGB array.
+        estimate = width * height * (2 * _pixel_bytes(im) + 4)
+        reservation = BUDGET.reserve(estimate, config.memory_budget_mb << 20)
+        kept = 0
         try:
-            # Load before reading EXIF: a PNG's eXIf chunk may follow the pixel data, so
-            # getexif() decodes the image and would raise on a truncated file.
-            info["frames"] = getattr(im, "n_frames", 1)
-            im.load()
-        except Exception as exc:  # noqa: BLE001
-            raise Rejected("truncated", f"{type(exc).__name__}: {exc}") from exc
-    im = upright(im, info)  # detection must see the photo upright
-    rgb = to_rgb(im, info)
+            try:
+                # Load before reading EXIF: a PNG's eXIf chunk may follow the pixel data, so
+                # getexif() decodes the image and would raise on a truncated file.
+                info["frames"] = getattr(im, "n_frames", 1)
+                im.load()
+            except Exception as exc:  # noqa: BLE001
+                raise Rejected("truncated", f"{type(exc).__name__}: {exc}") from exc
+            orientation = exif_orientation(im, info)
+            im = eight_bit(im, info)  # before any copy: 16-bit data is never copied wide
+            rgb = to_rgb(turn_upright(im, orientation, info), info)
+            del im
+            kept = rgb.nbytes
+        finally:
+            reservation.settle(kept)
     if min(rgb.shape[:2]) < config.min_side:
         raise Rejected("too_small", f"{rgb.shape[1]}x{rgb.shape[0]} < {config.min_side}")
     return rgb, info
 
 
-def upright(im: Image.Image, info: dict) -> Image.Image:
-    """Apply the EXIF orientation. Unreadable EXIF is metadata damage, not a bad photo: the
-    pixels are kept as stored and the orientation recorded as 1."""
+def exif_orientation(im: Image.Image, info: dict) -> int:
+    """The EXIF orientation (1 = as stored). Unreadable EXIF is metadata damage, not a bad
+    photo: the pixels are kept as stored and the orientation recorded as 1."""
     try:
         info["exif_orientation"] = int(im.getexif().get(EXIF_ORIENTATION, 1))
-        return ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001 - a broken EXIF block can raise anything
         info["exif_orientation"] = 1
         info["exif_error"] = True
+    return info["exif_orientation"]
+
+
+def turn_upright(im: Image.Image, orientation: int, info: dict) -> Image.Image:
+    """Detection must see the photo upright."""
+    method = UPRIGHT.get(orientation)
+    if method is None:
         return im
+    try:
+        return im.transpose(method)
+    except Exception:  # noqa: BLE001
+        info["exif_orientation"], info["exif_error"] = 1, True
+        return im
+
+
+def eight_bit(im: Image.Image, info: dict) -> Image.Image:
+    """High-bit-depth gray (16-bit, 32-bit int, float) -> 8-bit "L"; other modes unchanged.
+
+    16-bit values are mapped through a table, with no float copy of the image; wider types are
+    converted a block of rows at a time, so a temporary is never the whole image."""
+    mode = im.mode
+    if mode not in HIGH_BIT_MODES:
+        return im
+    arr = np.asarray(im)
+    # PNG has no 32-bit integer pixels: mode "I" from a PNG (older Pillow) is 16-bit data,
+    # even when a dark image never exceeds 255.
+    sixteen = mode.startswith("I;16") or (mode == "I" and info.get("format") == "PNG")
+    peak = 65535 if sixteen or (arr.size and arr.max() > 255) else 255
+    info["bit_depth"] = 16 if peak > 255 else 8
+    if mode.startswith("I;16"):
+        out = SIXTEEN_TO_EIGHT[arr]
+    else:
+        out = np.empty(arr.shape, dtype=np.uint8)
+        step = max(1, ROWS_PIXELS // max(1, arr.shape[1]))
+        for top in range(0, arr.shape[0], step):
+            block = arr[top : top + step]
+            if mode == "I" and peak == 65535:
+                out[top : top + step] = SIXTEEN_TO_EIGHT[np.clip(block, 0, 65535)]
+            elif mode == "I":
+                out[top : top + step] = np.clip(block, 0, 255)
+            else:  # float data: the same arithmetic as ever, one block at a time
+                out[top : top + step] = np.clip(block / float(peak) * 255.0 + 0.5, 0, 255)
+    del arr
+    return Image.fromarray(np.ascontiguousarray(out), mode="L")
 
 
 def to_rgb(im: Image.Image, info: dict) -> np.ndarray:
     """Any PIL mode -> RGB uint8. High bit depths are rescaled, alpha is composited on white."""
     mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        # PNG has no 32-bit integer pixels: mode "I" from a PNG (older Pillow) is 16-bit data,
-        # even when a dark image never exceeds 255.
-        sixteen = mode.startswith("I;16") or (mode == "I" and info.get("format") == "PNG")
-        peak = 65535.0 if sixteen or arr.max() > 255 else 255.0
-        info["bit_depth"] = 16 if peak > 255 else 8
-        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.stack([arr] * 3, axis=-1))
-    if mode == "P" and "transparency" in im.info:
+    im = eight_bit(im, info)
+    if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         info["alpha_composited"] = True
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im.convert("RGBA"))
-    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if im.mode == "L":  # gray: three equal channels, without Pillow's RGB copy
+        gray = np.asarray(im, dtype=np.uint8)
+        return np.ascontiguousarray(np.stack([gray] * 3, axis=-1))
+    rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
     if rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8:
         return np.ascontiguousarray(rgb)
     raise Rejected("not_an_image", f"unsupported mode {mode}")

@@ -70,6 +70,71 @@ def test_deployment_carries_schedule_and_parameters(lite_config):
     assert d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
+SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+CREDENTIAL_URLS = [
+    f"s3://AKIAEXAMPLE:{SECRET}@bucket/photos",
+    f"simplecache::s3://AKIAEXAMPLE:{SECRET}@bucket/photos",
+    f"https://host/photos.txt?X-Amz-Signature={SECRET}",
+]
+
+
+@pytest.mark.parametrize("url", CREDENTIAL_URLS)
+def test_deployment_refuses_urls_with_credentials_before_it_is_built(url, lite_config):
+    labelled = lite_config.model_copy(update={"labels": url})
+    for inputs, out, config in [([url], "out", None), (["in"], url, None), (["in"], "o", labelled)]:
+        with pytest.raises(ValueError, match="credentials refused") as caught:
+            build_deployment(inputs, out, config, name="x", interval=60)
+        assert SECRET not in str(caught.value)
+
+
+# Registers a deployment as `fgid serve` would (apply = what serving does first), then tries
+# one with credentials in each place; prints what the server ended up holding.
+REGISTER = """
+import asyncio, json, sys
+from fgid.config import BuildConfig
+from flows.serve import build_deployment
+args = json.loads(sys.argv[1])
+build_deployment(args["inputs"], args["out"], name="clean", interval=3600).apply()
+refused = []
+for inputs, out, labels in args["attempts"]:
+    try:
+        deployment = build_deployment(inputs, out, BuildConfig(labels=labels), name="leaky",
+                                      interval=3600)
+        deployment.apply()
+    except ValueError as error:
+        refused.append(str(error))
+
+async def stored():
+    from prefect.client.orchestration import get_client
+    async with get_client() as client:
+        return [d.model_dump(mode="json") for d in await client.read_deployments()]
+
+print(json.dumps({"refused": refused, "deployments": asyncio.run(stored())}))
+"""
+
+
+@pytest.mark.slow
+def test_no_credential_reaches_the_prefect_server(prefect_server, tmp_path):
+    url = CREDENTIAL_URLS[1]
+    attempts = [[[url], str(tmp_path / "o"), None], [["in"], url, None], [["in"], "o", url]]
+    args = {"inputs": [str(tmp_path)], "out": str(tmp_path / "o"), "attempts": attempts}
+    done = subprocess.run(
+        [sys.executable, "-c", REGISTER, json.dumps(args)],
+        cwd=ROOT,
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert SECRET not in done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["refused"]) == 3
+    names = [d["name"] for d in result["deployments"]]
+    assert names == ["clean"]  # the server is reachable and holds what was applied
+    assert result["deployments"][0]["parameters"]["inputs"] == [str(tmp_path)]
+
+
 def test_prefect_yaml_points_at_the_real_flow():
     from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.flows import load_flow_from_entrypoint

@@ -34,6 +34,7 @@ def consistentid_config(dataset, base_model, out, max_steps=2) -> dict:
     return {
         "dataset_url": str(dataset),
         "base_model": str(base_model),
+        "id_dim": 128,  # the lite build's dlib embeddings, on purpose
         "loader": {"batch_size": 2, "resolution": 32, "workers": 0, "shuffle_buffer": 4},
         "train": {
             "output_dir": str(out),
@@ -319,3 +320,26 @@ def test_commands_refuse_bad_settings_before_any_work(tmp_path):
     assert "fid" in text and not out.exists()
     text = refused(["evaluate", str(tmp_path), "--out", "s3://AKIAEXAMPLE:s3cr3t@b/e"])
     assert "embedded credentials refused" in text and "s3cr3t" not in text
+
+
+def test_a_training_without_final_weights_is_never_passed_on(tmp_path):
+    """What follows a training (evaluation, the SDXL stage) gets final weights or an error."""
+    import torch
+
+    from flows.train import NoFinalWeights, require_final, train_report
+    from training.consistentid.train import ConsistentIDTrainConfig
+    from training.loop import TrainConfig, train
+
+    model = torch.nn.Linear(2, 1)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, mixed_precision="no")
+
+    def batches(start):
+        while True:
+            yield {"x": torch.ones(4, 2)}
+
+    result = train(model, lambda m, b: (m(b["x"]).pow(2).mean(), {}), batches, config)
+    report = train_report(result)  # no exporter: the run has checkpoints but no final/
+    assert report["final_dir"] is None
+    run = ConsistentIDTrainConfig(dataset_url=str(tmp_path), train=config)
+    with pytest.raises(NoFinalWeights, match=f"without writing {tmp_path / 'final'}; rerun"):
+        require_final("consistentid", run, report)

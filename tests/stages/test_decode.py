@@ -10,8 +10,16 @@ import pytest
 from PIL import Image
 
 from fgid.config import DecodeConfig
+from fgid.inputs import UNDECODABLE
 from fgid.sample import Sample
-from fgid.stages.decode import DecodeStage, Rejected, decode_image, read_source, to_rgb
+from fgid.stages.decode import (
+    SIXTEEN_TO_EIGHT,
+    DecodeStage,
+    Rejected,
+    decode_image,
+    read_source,
+    to_rgb,
+)
 from tests.corpus import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes
 
 CONFIG = DecodeConfig()
@@ -201,8 +209,9 @@ def test_read_source_rejections(tmp_path):
     cases = {
         str(empty): "empty_file",
         str(big): "file_too_large",
-        str(folder): "unreadable",
+        str(folder): "not_regular_file",
         str(tmp_path / "missing.jpg"): "unreadable",
+        UNDECODABLE + str(tmp_path / "caf\\xe9.jpg"): "unreadable",
     }
     for path, code in cases.items():
         with pytest.raises(Rejected) as caught:
@@ -226,3 +235,59 @@ def test_stage_fills_samples_and_rejects_per_sample(tmp_path):
     assert second.reason.startswith("not_an_image") and second.image is None
     assert second.sha256 == hashlib.sha256(b"not an image").hexdigest()
     assert third.reason.startswith("unreadable") and third.sha256 is None
+
+
+def test_a_size_that_lies_is_still_read_only_up_to_the_limit():
+    # /proc files report size 0 and hold more: the read stops at the limit, not at st_size.
+    maps = "/proc/self/maps"
+    with pytest.raises(Rejected) as caught:
+        read_source(maps, max_bytes=64)
+    assert caught.value.code == "file_too_large"
+    assert len(read_source(maps, max_bytes=10_000_000)) > 64
+
+
+def test_postscript_named_jpg_is_not_an_image():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nnewpath 0 0 moveto showpage\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # what Pillow would otherwise hand on
+    assert rejection(eps) == "not_an_image"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_every_accepted_format_decodes(fmt):
+    rgb, info = decode(encode(Image.fromarray(asymmetric_image()), fmt))
+    assert info["format"] == fmt and rgb.shape == (80, 120, 3)
+
+
+def test_16bit_table_matches_the_float_formula():
+    values = np.arange(65536, dtype=np.float64)
+    expected = np.clip(values / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(SIXTEEN_TO_EIGHT, expected)
+
+
+def test_16bit_decodes_without_wide_copies():
+    import tracemalloc
+
+    # A gradient that compresses well: a small file, many pixels (as a 16-bit scan is).
+    side = 1500
+    ramp = np.linspace(0, 65535, side).astype(np.uint16)
+    data = encode(Image.fromarray(np.tile(ramp, (side, 1))), "PNG")
+    tracemalloc.start()
+    try:
+        rgb, info = decode(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info["bit_depth"] == 16 and rgb.shape == (side, side, 3)
+    # At most the 8-bit image beside its RGB copy (1 + 1 + 3 bytes a pixel); converting
+    # through float64 copies peaked at 24 bytes a pixel.
+    assert peak < 6 * side * side, peak
+
+
+def test_16bit_rgb_is_rotated_after_it_becomes_8bit():
+    values = (asymmetric_image()[..., 0].astype(np.uint16)) * 257
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(values).transpose(Image.Transpose.ROTATE_90)
+    rgb, info = decode(encode(stored, "PNG", exif=exif.tobytes()))
+    assert info["exif_orientation"] == 6 and info["bit_depth"] == 16
+    assert np.array_equal(rgb[..., 0], asymmetric_image()[..., 0])

@@ -52,6 +52,7 @@ def synthetic_face(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def make_batch(tokenizer, batch_size=2, resolution=32, clip_size=32, seed=0) -> dict:
     """A batch in training/loader.py's ConsistentID layout, built with the same region and text
     functions the loader uses."""
+    from training.consistentid.prompt import encode_training
     from training.regions import (
         clip_preprocess,
         foreground_mask,
@@ -60,7 +61,6 @@ def make_batch(tokenizer, batch_size=2, resolution=32, clip_size=32, seed=0) -> 
         resize_label_map,
         to_unit_range,
     )
-    from training.text import build_prompt, tokenize_facial
 
     rows = []
     for i in range(batch_size):
@@ -68,13 +68,13 @@ def make_batch(tokenizer, batch_size=2, resolution=32, clip_size=32, seed=0) -> 
         ref, ref_label = synthetic_face(64, seed + 2 * i + 1)
         label = resize_label_map(target_label, resolution)
         present = region_masks(label).reshape(5, -1).any(1)
-        text = build_prompt(
+        _, ids, index = encode_training(
+            tokenizer,
             "A person smiling at the camera.",
             "The face is oval, the eyes are brown, the ears are small, the nose is straight, "
             "and the mouth is wide.",
-            tokenizer,
+            present.tolist(),
         )
-        ids, index = tokenize_facial(tokenizer, text, present.tolist())
         ref_present = region_masks(ref_label).reshape(5, -1).any(1)
         regions = clip_preprocess(region_images(ref, ref_label), clip_size)
         regions[torch.from_numpy(~ref_present)] = 0

@@ -13,11 +13,11 @@ import torch
 from training.consistentid.config import ModelOptions
 from training.consistentid.model import ConsistentID
 from training.consistentid.pipeline import ConsistentIDGenerator
+from training.consistentid.prompt import inference_prompt, tokenize
 from training.consistentid.train import export
 from training.evaluation.protocols import Generator
 from training.reference import load_references
 from training.regions import region_masks
-from training.text import build_inference_prompt, tokenize_facial
 
 TINY = ModelOptions(lora_rank=4, id_depth=1, facial_depth=1, dim_head=16)
 STEPS = 4
@@ -77,23 +77,28 @@ def test_the_merge_step_switches_from_text_and_id_to_fused_conditioning(generato
     prompt = "a person in a red coat"
     conds = generator.conditions(reference, prompt)
     assert not torch.allclose(conds["fused"], conds["text"])
-    # The same ID tokens; the texts agree up to the first `<|facial|>` token.
-    text = build_inference_prompt(prompt, tokenizer=generator.model.frozen.tokenizer)
+    # The same ID tokens and text; they differ exactly at the fused region words.
+    tokenizer = generator.model.frozen.tokenizer
     present = region_masks(reference.label_map).any(axis=(1, 2)).tolist()
-    _, index = tokenize_facial(generator.model.frozen.tokenizer, text, present)
-    same = (conds["fused"] == conds["text"]).all(-1)[0]
-    first = int(index[index >= 0].min())
-    assert same[-TINY.num_id_tokens :].all() and same[:first].all() and not same[first]
+    text, kept = inference_prompt(tokenizer, prompt, present=present)
+    _, index = tokenize(tokenizer, text, kept)
+    differ = (conds["fused"] != conds["text"]).any(-1)[0]
+    assert differ.nonzero().flatten().tolist() == sorted(index[index >= 0].tolist())
+    # The negative branch is fused at the same words, from blank region images.
+    assert conds["negative"].shape == conds["fused"].shape
 
     images = {m: _array(generator.generate(reference, prompt, 3, merge_step=m)) for m in (0, 2, 4)}
     assert not np.array_equal(images[0], images[2])
     assert not np.array_equal(images[2], images[4])
     assert not np.array_equal(images[0], images[4])
 
-    # Without regions there is nothing to fuse: every merge step gives the text + ID image,
-    # which is what merge_step=steps gives with regions.
+    # Without regions there is nothing to fuse: every merge step gives the text + ID image.
+    # (With regions the negative branch is fused too, so that image differs from this one.)
     bare = dataclasses.replace(reference, label_map=np.zeros_like(reference.label_map))
     bare_conds = generator.conditions(bare, prompt)
     assert torch.equal(bare_conds["fused"], bare_conds["text"])
+    assert not torch.equal(bare_conds["negative"], conds["negative"])
     text_and_id = _array(generator.generate(bare, prompt, 3, merge_step=0))
-    assert np.array_equal(images[STEPS], text_and_id)
+    assert np.array_equal(
+        _array(generator.generate(bare, prompt, 3, merge_step=STEPS)), text_and_id
+    )

@@ -31,6 +31,7 @@ def _config(dataset, base, output, max_steps):
     return ConsistentIDTrainConfig(
         dataset_url=str(dataset),
         base_model=str(base),
+        id_dim=128,  # the lite build's dlib embeddings, on purpose
         model=TINY,
         loader={"batch_size": 2, "resolution": 32, "workers": 0, "shuffle_buffer": 4, "seed": 3},
         train={

@@ -141,3 +141,64 @@ def test_model_without_trainable_parameters_is_refused(tmp_path):
     model = Regressor().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(model, _step([]), _batches, _config(tmp_path))
+
+
+# --- the final export survives a crash ------------------------------------------------------------
+
+_CRASH_DURING_EXPORT = """
+import os, signal, sys, torch
+from tests.training.test_loop import Regressor, _batches, _config, _step
+from training.loop import train
+
+def export(model, folder):
+    torch.save(model.head.state_dict(), folder / "head.pt")
+    os.kill(os.getpid(), signal.SIGKILL)  # the process dies halfway through the export
+
+train(Regressor(), _step([]), _batches, _config(__import__("pathlib").Path(sys.argv[1]),
+      max_steps=4), export=export)
+"""
+
+
+def test_a_crash_during_the_export_is_repaired_by_the_rerun(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.checkpoints import STATE_FILE, final_step
+
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASH_DURING_EXPORT, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    # Training finished and its last checkpoint is saved; the export never completed.
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+    assert not (tmp_path / "final").exists() and final_step(tmp_path) is None
+
+    seen: list[int] = []
+    again = train(Regressor(), _step(seen), _batches, _config(tmp_path, max_steps=4), _export)
+    assert seen == [] and again.losses == []  # nothing trained again
+    assert again.final_dir == tmp_path / "final" and final_step(tmp_path) == 4
+    assert (again.final_dir / "head.pt").is_file() and (again.final_dir / STATE_FILE).is_file()
+    assert not (tmp_path / ".final.tmp").exists()
+    # The export holds the checkpoint's trained weights, not a fresh model's.
+    exported = torch.load(again.final_dir / "head.pt")
+    assert not torch.equal(exported["weight"], Regressor().head.weight)
+
+
+def test_a_finished_run_returns_its_export_without_writing_it_again(tmp_path):
+    first = train(Regressor(), _step([]), _batches, _config(tmp_path, max_steps=4), _export)
+    exports: list = []
+    again = train(
+        Regressor(), _step([]), _batches, _config(tmp_path, max_steps=4),
+        lambda model, folder: exports.append(folder),
+    )  # fmt: skip
+    assert again.final_dir == first.final_dir and exports == []
+    # Training further exports again, from the new last step.
+    more = train(Regressor(), _step([]), _batches, _config(tmp_path, max_steps=8), _export)
+    assert more.step == 8 and json.loads((more.final_dir / "trainer_state.json").read_text()) == {
+        "step": 8
+    }

@@ -81,7 +81,7 @@ def test_reader_rescans_a_rewritten_tar(built_dataset, raw_samples, tmp_path, ca
     """A caption run rewrites tars in place: members move, the stale index must not be used."""
     import tarfile
 
-    from fgid.writer import add_member
+    from fgid.shardtar import add_member
 
     source = shard_urls(str(built_dataset))[0]
     url = str(tmp_path / "00000.tar")

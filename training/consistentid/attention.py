@@ -142,6 +142,15 @@ def _in_block(name: str, blocks: list[str]) -> bool:
     return any(name.startswith(block + ".") for block in blocks)
 
 
+def make_processor(
+    cross: bool, hidden: int, context: int, rank: int, num_tokens: int, scale: float = 1.0
+) -> nn.Module:
+    """The processor of one attention: LoRA on self-attention, LoRA + ID keys on cross."""
+    if cross:
+        return IDAttnProcessor(hidden, context, rank, num_tokens, scale)
+    return LoRAAttnProcessor(hidden, context, rank)
+
+
 def install_processors(
     unet, rank: int, num_tokens: int, scale: float, localization_blocks: list[str]
 ) -> tuple[nn.ModuleDict, MapStore]:
@@ -159,20 +168,13 @@ def install_processors(
         if not plain or module.rescale_output_factor != 1.0:
             raise ValueError(f"{name}: only transformer-block attention is supported")
         hidden, context = module.to_q.out_features, module.to_k.in_features
+        local = store if _in_block(name, localization_blocks) else None
+        proc = make_processor(module.is_cross_attention, hidden, context, rank, num_tokens, scale)
         if module.is_cross_attention:
-            proc = IDAttnProcessor(
-                hidden,
-                context,
-                rank,
-                num_tokens,
-                scale,
-                store if _in_block(name, localization_blocks) else None,
-            )
+            proc.store = local
             with torch.no_grad():
                 proc.to_k_ip.weight.copy_(module.to_k.weight)
                 proc.to_v_ip.weight.copy_(module.to_v.weight)
-        else:
-            proc = LoRAAttnProcessor(hidden, context, rank)
         procs[name] = proc.to(device=module.to_q.weight.device)
     unet.set_attn_processor(dict(procs))
     return nn.ModuleDict({k.replace(".", "/"): v for k, v in procs.items()}), store

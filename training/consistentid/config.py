@@ -32,6 +32,18 @@ class ModelOptions(BaseModel):
         None,
         description='explicit block names instead ("down_blocks.1", "mid_block", ...)',
     )
+    # Beyond the release: off by default, so a trained model converts to the released format.
+    facial_align: bool = Field(
+        False,
+        description="add the whole face as a token, a learned `slot` per role and an `align` "
+        "transformer layer over face and region tokens before fusion (the release has neither)",
+    )
+    keep_facial_token: bool = Field(
+        False,
+        description="keep `<|facial|>` in the token sequence and fuse at its position, with this "
+        "project's text composition (training/text.py); the release removes the marker and "
+        "fuses at the region word (training/consistentid/prompt.py)",
+    )
 
 
 class LossOptions(BaseModel):

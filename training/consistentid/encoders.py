@@ -1,6 +1,6 @@
 """ConsistentID's two image-side encoders: the ID projection (ID embedding -> ID tokens refined
-over CLIP patch features) and the facial encoder (region features aligned with the whole face,
-then fused into the `<|facial|>` positions of the text sequence)."""
+over CLIP patch features) and the facial encoder (one token per region image, fused into the
+text sequence at that region's position)."""
 
 from __future__ import annotations
 
@@ -97,26 +97,38 @@ class MLP(nn.Module):
 
 
 class FacialEncoder(nn.Module):
-    """Region images -> one token each; self-attention aligns them with the whole face; then each
-    region token is fused with the text embedding at its `<|facial|>` position by two MLPs."""
+    """Region images -> one token each (a perceiver with one latent), each fused with the text
+    embedding at its position by two MLPs: the released model's facial encoder.
+
+    `align=True` adds what the release lacks: the whole face as a sixth token, a learned `slot`
+    per role (face, each region) and a transformer layer in which the region tokens attend to
+    the face and to each other before fusion."""
 
     def __init__(
-        self, clip_dim: int, width: int, dim: int, depth: int, dim_head: int, num_regions: int = 5
+        self,
+        clip_dim: int,
+        width: int,
+        dim: int,
+        depth: int,
+        dim_head: int,
+        num_regions: int = 5,
+        align: bool = False,
     ):
         super().__init__()
+        self.aligned = align
         self.latent = nn.Parameter(torch.randn(1, 1, dim) / dim**0.5)
         self.resampler = Resampler(dim, clip_dim, width, depth, dim_head)
-        # Which image a token came from (whole face, then each region), so alignment knows roles.
-        self.slot = nn.Parameter(torch.zeros(1 + num_regions, width))
-        self.align = nn.TransformerEncoderLayer(
-            width,
-            max(1, width // dim_head),
-            dim_feedforward=4 * width,
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
+        if align:
+            self.slot = nn.Parameter(torch.zeros(1 + num_regions, width))
+            self.align = nn.TransformerEncoderLayer(
+                width,
+                max(1, width // dim_head),
+                dim_feedforward=4 * width,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
         self.fuse_in = MLP(2 * width, width, residual=False)
         self.fuse_out = MLP(width, width, residual=True)
         self.norm = nn.LayerNorm(width)
@@ -125,7 +137,15 @@ class FacialEncoder(nn.Module):
         self, face_patches: torch.Tensor, region_patches: torch.Tensor, region_valid: torch.Tensor
     ) -> torch.Tensor:
         """face_patches (B, P, C), region_patches (B, K, P, C), region_valid (B, K) -> (B, K, W).
-        Invalid regions are ignored as keys; their outputs are never fused."""
+        Invalid regions are never fused: their outputs are left at zero (or, aligned, ignored as
+        keys), and without alignment they are not computed at all."""
+        if not self.aligned:
+            out = region_patches.new_zeros(*region_valid.shape, self.norm.normalized_shape[0])
+            if region_valid.any():
+                valid = region_patches[region_valid]
+                tokens = self.resampler(self.latent.expand(len(valid), -1, -1), valid)[:, 0]
+                out = out.index_put((region_valid,), tokens.to(out.dtype))
+            return out
         b, k = region_valid.shape
         images = torch.cat([face_patches[:, None], region_patches], dim=1).flatten(0, 1)
         tokens = self.resampler(self.latent.expand(images.shape[0], -1, -1), images)

@@ -2,14 +2,17 @@
 facial encoder and attention processors; one training step as `forward(batch)`.
 
 Only the trainable parts are registered submodules, so `state_dict()` (checkpoints, export) holds
-just them; the frozen models live in `self.frozen` and follow the module's device moves.
+just them; the frozen models live in `self.frozen` and follow the module's device moves. With the
+default options they are the released model's tensors under other names
+(training/consistentid/convert.py maps them both ways).
 
-The `<|facial|>` token's input embedding stays frozen, at the mean of the vocabulary's rows (set
-deterministically, so training and inference build the same text encoder from the same base).
-The fusion MLPs already learn what to make of the text encoder's output at each marker, which
-they replace. A trainable row would add little to that, cost a backward pass through the whole
-text encoder every step, and, through causal attention, move the embedding of every token after
-the marker in every prompt, away from the text conditioning the frozen UNet was trained on.
+Text: by default the released model's path (training/consistentid/prompt.py): `<|facial|>` only
+marks the region words and is removed before the text encoder, whose hidden state at each region
+word is replaced. With `keep_facial_token` the marker stays as a token of its own and its hidden
+state is replaced; its input embedding stays frozen at the mean of the vocabulary's rows (set
+deterministically, so training and inference build the same text encoder from the same base). A
+trainable row would cost a backward pass through the whole text encoder every step and, through
+causal attention, move the embedding of every token after the marker in every prompt.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class ConsistentID(nn.Module):
             opts.facial_dim or vision.projection_dim,
             opts.facial_depth,
             opts.dim_head,
+            align=opts.facial_align,
         )
         self.localization_blocks = opts.localization_blocks or central_blocks(
             unet, opts.localization_layers
@@ -179,6 +183,10 @@ class ConsistentID(nn.Module):
                 done.append(name)
         log.info("initialised from CLIP's image projection: %s", done or "none (shapes differ)")
         return done
+
+    def processor_names(self) -> list[str]:
+        """The attention layers holding the adapters, in the UNet's processor order."""
+        return [key.replace("/", ".").removesuffix(".processor") for key in self.adapters]
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

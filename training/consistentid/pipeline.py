@@ -3,8 +3,9 @@
 Steps before `merge_step` are conditioned on the text without facial markers plus the ID tokens;
 from `merge_step` on, on the text with the region features fused in (plus the ID tokens). The
 reference starts fusing one step later (it compares `i <= merge_step`); here `merge_step=0` fuses
-from the first step and `merge_step=steps` never does. The negative branch is what training's
-condition drop shows the model: the (negative) prompt unfused, zero images, zero ID embedding.
+from the first step and `merge_step=steps` never does. The text is the released model's
+(training/consistentid/prompt.py: the user prompt, then its built-in facial description). The
+negative branch is the reference's: the negative prompt, blank images, a zero ID embedding.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.consistentid import prompt
 from training.consistentid.config import ModelOptions
 from training.consistentid.model import ConsistentID, load_frozen
 
@@ -32,11 +34,19 @@ def _find(folder: Path, names: tuple[str, ...]) -> Path:
     raise FileNotFoundError(f"none of {names} in {folder} or its parent")
 
 
+def find_weights(folder: str | Path) -> Path:
+    """The weights of an export (`final/`) or `checkpoint-{step}` folder."""
+    return _find(Path(folder), (WEIGHTS, CHECKPOINT_WEIGHTS))
+
+
+def find_config(folder: str | Path) -> Path:
+    return _find(Path(folder), (CONFIG,))
+
+
 def load_weights(model: ConsistentID, weights: str | Path) -> None:
     from safetensors.torch import load_file
 
-    state = load_file(str(_find(Path(weights), (WEIGHTS, CHECKPOINT_WEIGHTS))))
-    model.load_state_dict(state)
+    model.load_state_dict(load_file(str(find_weights(weights))))
 
 
 class ConsistentIDGenerator:
@@ -73,7 +83,7 @@ class ConsistentIDGenerator:
     ) -> ConsistentIDGenerator:
         """`weights`: an exported `final/` folder or a `checkpoint-{step}` folder of a run.
         `settings`: steps, guidance_scale, merge_step, height, width, negative_prompt, name."""
-        config = json.loads(_find(Path(weights), (CONFIG,)).read_text())
+        config = json.loads(find_config(weights).read_text())
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):  # from YAML or --set: "bfloat16"
             dtype = getattr(torch, dtype)
@@ -113,26 +123,40 @@ class ConsistentIDGenerator:
         )
         return tokens.input_ids
 
-    @torch.no_grad()
-    def conditions(self, reference, prompt: str) -> dict[str, torch.Tensor]:
-        """The three UNet conditionings of one generation: negative, text + ID, fused + ID."""
-        from training.text import build_inference_prompt, tokenize_facial
+    def _texts(self, prompt_text: str, present: list[bool]):
+        """(fused ids, region_token_index, text-only ids) for one prompt."""
+        tokenizer = self.model.frozen.tokenizer
+        if self.model.options.keep_facial_token:
+            from training.text import build_inference_prompt, tokenize_facial
 
+            text = build_inference_prompt(prompt_text, tokenizer=tokenizer)
+            ids, index = tokenize_facial(tokenizer, text, present)
+            return ids, index, tokenize_facial(tokenizer, text, [False] * 5)[0]
+        text, kept = prompt.inference_prompt(tokenizer, prompt_text, present=present)
+        ids, index = prompt.tokenize(tokenizer, text, kept)
+        return ids, index, prompt.plain_ids(tokenizer, text)
+
+    @torch.no_grad()
+    def conditions(self, reference, prompt_text: str) -> dict[str, torch.Tensor]:
+        """The three UNet conditionings of one generation: negative, text + ID, fused + ID.
+
+        As the reference pipeline does, the negative prompt's embedding is fused too, at the
+        prompt's region positions, with the features of blank region images (with
+        `keep_facial_token` the negative prompt has no marker and stays unfused)."""
         model, device = self.model, self.model.empty_ids.device
-        tokenizer = model.frozen.tokenizer
         ref = {k: v.to(device) for k, v in self._reference_inputs(reference).items()}
-        text = build_inference_prompt(prompt, tokenizer=tokenizer)
-        ids, index = tokenize_facial(tokenizer, text, ref["present"][0].tolist())
-        plain_ids, none = tokenize_facial(tokenizer, text, [False] * 5)
+        ids, index, plain = self._texts(prompt_text, ref["present"][0].tolist())
+        index = index[None].to(device)
+        none = torch.full_like(index, -1)
         images = (ref["face"], ref["regions"], ref["present"], ref["embedding"])
-        fused = model.condition(ids[None].to(device), index[None].to(device), *images)
-        text_only = model.condition(plain_ids[None].to(device), none[None].to(device), *images)
+        fused = model.condition(ids[None].to(device), index, *images)
+        text_only = model.condition(plain[None].to(device), none, *images)
         negative = model.condition(
             self._ids(self.negative_prompt).to(device),
-            none[None].to(device),
+            none if model.options.keep_facial_token else index,
             torch.zeros_like(ref["face"]),
             torch.zeros_like(ref["regions"]),
-            torch.zeros_like(ref["present"]),
+            ref["present"],
             torch.zeros_like(ref["embedding"]),
         )
         return {"negative": negative, "text": text_only, "fused": fused}

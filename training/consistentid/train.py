@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-import storage
 from training.consistentid.config import LossOptions, ModelOptions
 from training.consistentid.model import ConsistentID
 from training.consistentid.pipeline import CONFIG, WEIGHTS
+from training.consistentid.release import load_release_into
 from training.loader import LoaderConfig, consistentid_loader
 from training.loop import TrainConfig, TrainResult, train
+from training.preflight import check_consistentid
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,20 @@ class ConsistentIDTrainConfig(BaseModel):
         description="CLIP vision tower, hub name or folder; None = base_model's image_encoder/ "
         "if it has one, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K (the spec's ViT-H/14)",
     )
-    id_dim: int | None = Field(None, description="ID embedding width; None = the dataset's")
+    id_dim: int | None = Field(
+        None,
+        description="ID embedding width; None = the dataset's, which must be 512-d (ArcFace, a "
+        "full build); set it to the dataset's width to train on another on purpose",
+    )
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     train: TrainConfig
     model: ModelOptions = Field(default_factory=ModelOptions)
     loss: LossOptions = Field(default_factory=LossOptions)
+    init_from_reference: str | None = Field(
+        None,
+        description="a released ConsistentID checkpoint (.bin/.pt/.safetensors) to start from; "
+        "needs the default model options and a 512-d ID embedding (the release's)",
+    )
 
 
 def export_config(config: ConsistentIDTrainConfig, id_dim: int) -> dict:
@@ -62,16 +72,8 @@ def export(model: ConsistentID, folder: Path, meta: dict) -> None:
     (Path(folder) / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def dataset_id_dim(dataset_url: str) -> int:
-    summary = json.loads(storage.read_text(storage.join(dataset_url, "summary.json")))
-    if not summary.get("embedding_dim"):
-        raise ValueError(f"{dataset_url} records no embedding_dim (no kept samples?)")
-    return int(summary["embedding_dim"])
-
-
-def build_model(config: ConsistentIDTrainConfig) -> ConsistentID:
-    id_dim = config.id_dim or dataset_id_dim(config.dataset_url)
-    return ConsistentID.from_pretrained(
+def build_model(config: ConsistentIDTrainConfig, id_dim: int) -> ConsistentID:
+    model = ConsistentID.from_pretrained(
         config.base_model,
         id_dim,
         image_encoder=config.image_encoder,
@@ -79,6 +81,10 @@ def build_model(config: ConsistentIDTrainConfig) -> ConsistentID:
         loss=config.loss,
         frozen_dtype=_FROZEN_DTYPE[config.train.mixed_precision],
     )
+    if config.init_from_reference:
+        load_release_into(model, config.init_from_reference)
+        log.info("started from the released weights %s", config.init_from_reference)
+    return model
 
 
 def loader_config(config: ConsistentIDTrainConfig, model: ConsistentID) -> LoaderConfig:
@@ -97,10 +103,13 @@ def train_consistentid(
     config: ConsistentIDTrainConfig, observe: Callable[[dict], None] | None = None
 ) -> TrainResult:
     """Train (or resume, per config.train.resume_from) and export to `output_dir/final`.
-    `observe(batch)` sees every batch before its step (logging, tests of the data order)."""
+    `observe(batch)` sees every batch before its step (logging, tests of the data order).
+
+    A dataset it cannot use or a missing weight is refused before any model loads."""
+    id_dim = check_consistentid(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
-        model = build_model(config)
+        model = build_model(config, id_dim)
     loader = loader_config(config, model)
     meta = export_config(config, model.id_dim)
     output = Path(config.train.output_dir)
@@ -112,7 +121,13 @@ def train_consistentid(
 
     def make_batches(start: int):
         # training.loop keeps the loader's draws off the training RNG.
-        return consistentid_loader(config.dataset_url, model.frozen.tokenizer, loader, start)
+        return consistentid_loader(
+            config.dataset_url,
+            model.frozen.tokenizer,
+            loader,
+            start,
+            keep_facial_token=config.model.keep_facial_token,
+        )
 
     def step_fn(model: torch.nn.Module, batch: dict):
         if observe is not None:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import storage
+from fgid.shardtar import check_key
 from training.evaluation.config import EvaluateConfig, load_generator
 from training.evaluation.fid import frechet_distance
 from training.evaluation.metrics import METRICS, MetricModels
@@ -67,7 +68,9 @@ class ImageRecordMismatch(ValueError):
 
 
 def image_path(out_dir: str, reference: Reference, prompt: Prompt, suffix: str = "png") -> str:
-    return storage.join(out_dir, "images", reference.key, f"{prompt.index:02d}.{suffix}")
+    # The key comes from the dataset: checked again here, where it becomes a folder name, so no
+    # reference can make a run write outside `out_dir`.
+    return storage.join(out_dir, "images", check_key(reference.key), f"{prompt.index:02d}.{suffix}")
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -155,7 +158,7 @@ def _row(generator, ref, prompt: Prompt, record: dict, score: dict, out_dir: str
         "category": prompt.category,
         "prompt": record["prompt"],
         "seed": record["seed"],
-        "image": f"images/{ref.key}/{prompt.index:02d}.png",
+        "image": f"images/{check_key(ref.key)}/{prompt.index:02d}.png",
         "seconds": float(record["seconds"]),
         **score,
     }

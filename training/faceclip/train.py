@@ -28,6 +28,7 @@ from training.faceclip.config import (
 )
 from training.loader import LoaderConfig, faceclip_loader
 from training.loop import TrainConfig, TrainResult, train
+from training.preflight import check_faceclip
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ def _run_record(config: FaceCLIPTrainConfig, model) -> dict:
 
 
 def train_faceclip(config: FaceCLIPTrainConfig) -> TrainResult:
+    """Train one stage (or resume it) and export to `output_dir/final`. A dataset it cannot use
+    or a missing weight is refused before any model loads."""
+    check_faceclip(config)
     torch.manual_seed(config.train.seed)  # the same fresh weights for every run of a config
     model = build_model(config)
     output = Path(config.train.output_dir)

@@ -111,3 +111,13 @@ def run_normalised(
         binding.bind_output(output, "cpu")
     session.run_with_iobinding(binding)
     return binding.copy_outputs_to_cpu()
+
+
+def insightface_runtime(runtime: str, device: str) -> str:
+    """The `models.runtime` setting resolved for a torch device ("cpu", "cuda", "cuda:N").
+
+    auto: torch on CUDA, where onnxruntime would need onnxruntime-gpu paired with the machine's
+    CUDA and cuDNN; onnxruntime on the CPU, where it runs these models faster than torch."""
+    if runtime == "auto":
+        return "torch" if device.startswith("cuda") else "onnxruntime"
+    return runtime

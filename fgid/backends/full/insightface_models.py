@@ -5,6 +5,11 @@ ArcFace blob preprocessing) so results match `FaceAnalysis("buffalo_l")`. Insigh
 BGR images (its blobs swap channels back to RGB); the protocols pass RGB, so each backend
 converts once at the boundary. An SCRFD export with a free batch axis runs a whole batch in one
 session call, letterboxed and decoded exactly as InsightFace's per-image `SCRFD.detect` does.
+
+`models.runtime` picks what runs the networks: onnxruntime, or torch (each ONNX file converted
+at load by `torch_onnx`; the default on CUDA). InsightFace's model objects load either way: their
+settings (normalisation, strides, anchors, thresholds, NMS) are the reference the torch path
+follows, and on the torch path they run nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fgid.backends.full.device import onnx_cuda_device, pinned_zeros, run_normalised
+from fgid.backends.full.device import (
+    CPU_PROVIDER,
+    insightface_runtime,
+    onnx_cuda_device,
+    pinned_zeros,
+    run_normalised,
+    torch_device,
+)
 from fgid.config import BuildConfig
 from fgid.protocols import Attributes, Detection
 
@@ -71,6 +83,26 @@ def load_model(path: Path, providers: list, expected: str):
     return model
 
 
+class Runtime:
+    """Which runtime runs a model of the pack, and its torch network when that is torch."""
+
+    def __init__(self, path: Path, providers: list, config: BuildConfig):
+        models = config.models
+        device = torch_device(models.device)
+        self.name = insightface_runtime(models.runtime, device)
+        self.providers = providers if self.name == "onnxruntime" else [CPU_PROVIDER]
+        self.net = None
+        if self.name == "torch":
+            from fgid.backends.full.torch_onnx import TorchOnnx, torch_dtype
+
+            dtype = torch_dtype(models.torch_precision, device)
+            self.net = TorchOnnx(path, device, dtype, models.torch_compile)
+
+    @property
+    def cuda(self) -> bool:
+        return self.net is not None and self.net.device.type == "cuda"
+
+
 def _bgr(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1])
 
@@ -112,7 +144,9 @@ class InsightFaceDetector:
     InsightFace's own per-image `detect`."""
 
     def __init__(self, pack: Path, providers: list, config: BuildConfig):
-        self.model = load_model(pack / DETECTOR_FILE, providers, "SCRFD")
+        self.runtime = Runtime(pack / DETECTOR_FILE, providers, config)
+        self.net = self.runtime.net
+        self.model = load_model(pack / DETECTOR_FILE, self.runtime.providers, "SCRFD")
         if not self.model.use_kps:
             # The embedder aligns on these keypoints; a box-only SCRFD cannot feed it.
             raise RuntimeError(f"{pack / DETECTOR_FILE} is an SCRFD without keypoints")
@@ -124,23 +158,39 @@ class InsightFaceDetector:
         height, width = self.model.input_shape[2:4]
         fixed = isinstance(height, int) and isinstance(width, int)
         self.canvas = (width, height) if fixed else self.det_size
-        self.cuda_device = onnx_cuda_device(self.model.session)
+        self.cuda_device = None if self.net else onnx_cuda_device(self.model.session)
+        self._pinned = self.cuda_device is not None or self.runtime.cuda
         self._centres: dict[tuple[int, int, int], np.ndarray] = {}
         self._prepared: deque = deque(maxlen=PREPARED_MAX)
         self._lock = threading.Lock()
-        self.batched = scrfd_batchable(self.model) and self._batch_matches_single()
+        # A torch network is not bound by the ONNX header's batch axis (a batch-1 export's
+        # outputs split per image); the probe alone decides.
+        free = self.net is not None or scrfd_batchable(self.model)
+        self.batched = free and self._batch_matches_single()
         logger.info(
-            "SCRFD %s: %s", pack / DETECTOR_FILE, "batched" if self.batched else "one image a call"
+            "SCRFD %s on %s: %s",
+            pack / DETECTOR_FILE,
+            self.runtime.name,
+            "batched" if self.batched else "one image a call",
         )
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
         if not self.batched:
+            if self.net is not None:
+                return [self._detect_batch([image])[0] for image in images]
             return [self._detect_one(image) for image in images]
         if not images:
             return []
+        return self._detect_batch(images)
+
+    def _detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
         batch, pinned, scales = self._take_prepared(images) or self._letterbox(images)
         outputs = self._run(batch, pinned)
-        return [self._decode(outputs, i, scale) for i, scale in enumerate(scales)]
+        if self.net is None:
+            found = self._candidates(outputs, len(images))
+        else:
+            found = self._candidates_on_device(outputs, len(images))
+        return [self._decode(levels, scale) for levels, scale in zip(found, scales, strict=True)]
 
     def prepare_batch(self, images: list[np.ndarray]) -> None:
         """Letterbox `images` now (a loader thread calls this ahead of the model stages) for the
@@ -171,15 +221,62 @@ class InsightFaceDetector:
 
     def _letterbox(self, images: list[np.ndarray]):
         width, height = self.canvas
-        batch, pinned = pinned_zeros((len(images), height, width, 3), self.cuda_device is not None)
+        batch, pinned = pinned_zeros((len(images), height, width, 3), self._pinned)
         # RGB in, RGB canvas: InsightFace letterboxes BGR and swaps to RGB in its blob, and the
         # resize treats channels alike, so the canvas is the same.
         scales = [letterbox(image, self.canvas, batch[i]) for i, image in enumerate(images)]
         return batch, pinned, scales
 
-    def _run(self, batch: np.ndarray, pinned: object) -> list[np.ndarray]:
+    def _run(self, batch: np.ndarray, pinned: object) -> list:
+        """The network's outputs for a letterboxed batch, batch-first (N, anchors, C): host
+        arrays from onnxruntime, device tensors from torch."""
         m = self.model
-        return run_normalised(m.session, batch, pinned, m.input_mean, m.input_std, self.cuda_device)
+        if self.net is None:
+            cuda = self.cuda_device
+            return run_normalised(m.session, batch, pinned, m.input_mean, m.input_std, cuda)
+        host = pinned if pinned is not None else batch
+        outputs = self.net(self.net.blob(host, m.input_mean, m.input_std))
+        n = batch.shape[0]
+        # A batch-1 export gives (N * anchors, C); its rows run image by image.
+        return [o.reshape(n, -1, o.shape[-1]) for o in outputs]
+
+    def _host(self, outputs: list) -> list[np.ndarray]:
+        return [o if isinstance(o, np.ndarray) else o.cpu().numpy() for o in outputs]
+
+    def _candidates(self, outputs: list[np.ndarray], n: int) -> list[list[tuple]]:
+        """Per image, per stride: (anchor indices, scores, box and keypoint distances) of the
+        anchors at or above the threshold, as SCRFD.forward selects them."""
+        m, levels = self.model, len(self.model._feat_stride_fpn)
+        found = []
+        for i in range(n):
+            per_level = []
+            for level in range(levels):
+                score = outputs[level][i]
+                keep = np.where(score >= m.det_thresh)[0]
+                box, kps = outputs[level + levels][i], outputs[level + 2 * levels][i]
+                per_level.append((keep, score[keep], box[keep], kps[keep]))
+            found.append(per_level)
+        return found
+
+    def _candidates_on_device(self, outputs: list, n: int) -> list[list[tuple]]:
+        """`_candidates` for device tensors: the threshold and the gather run on the device, so
+        only the candidates cross to the host (not every anchor's box and keypoints)."""
+        m, levels = self.model, len(self.model._feat_stride_fpn)
+        picked = []
+        for level in range(levels):
+            score = outputs[level]
+            image, anchor = (score[..., 0] >= m.det_thresh).nonzero(as_tuple=True)
+            box, kps = outputs[level + levels], outputs[level + 2 * levels]
+            rows = (image, anchor, score[image, anchor], box[image, anchor], kps[image, anchor])
+            picked.append([t.cpu().numpy() for t in rows])
+        found = []
+        for i in range(n):
+            per_level = []
+            for image, anchor, score, box, kps in picked:
+                mine = image == i
+                per_level.append((anchor[mine], score[mine], box[mine], kps[mine]))
+            found.append(per_level)
+        return found
 
     def _batch_matches_single(self) -> bool:
         """Whether the batch axis really is free: image 1 of a two-image batch must come out as
@@ -189,13 +286,15 @@ class InsightFaceDetector:
         pair[0] = np.random.default_rng(0).integers(0, 256, pair.shape[1:], dtype=np.uint8)
         pair[1] = 96  # a flat image: it must not pick up its neighbour's response
         try:
-            together = self._run(pair, None)
-            alone = self._run(pair[1:], None)
+            together = self._host(self._run(pair, None))
+            alone = self._host(self._run(pair[1:], None))
         except Exception as error:  # noqa: BLE001 - any failure means: run one image a call
             logger.warning("SCRFD batch probe failed (%s); detecting one image a call", error)
             return False
+        # float16 rounds scores near 1 to steps of 5e-4, and kernels may differ by batch size.
+        atol = 1e-2 if self.net is not None and self.net.dtype.itemsize == 2 else 1e-3
         same = all(
-            t.shape[0] == 2 and np.allclose(t[1], a[0], rtol=1e-2, atol=1e-3)
+            t.shape[0] == 2 and np.allclose(t[1], a[0], rtol=1e-2, atol=atol)
             for t, a in zip(together, alone, strict=True)
         )
         if not same:
@@ -211,22 +310,19 @@ class InsightFaceDetector:
             self._centres[key] = np.repeat(centres, self.model._num_anchors, axis=0)
         return self._centres[key]
 
-    def _decode(self, outputs: list[np.ndarray], i: int, scale: float) -> list[Detection]:
-        """Image i of a batched SCRFD output -> its faces, as SCRFD.detect computes them:
-        anchors per stride, score threshold, distance2bbox/kps, sort by score, NMS."""
+    def _decode(self, levels: list[tuple], scale: float) -> list[Detection]:
+        """One image's candidates (see `_candidates`) -> its faces, as SCRFD.detect computes
+        them: anchor centres per stride, distance2bbox/kps, sort by score, NMS."""
         from insightface.model_zoo.scrfd import distance2bbox, distance2kps
 
         m = self.model
         width, height = self.canvas
-        levels = len(m._feat_stride_fpn)
         scores, boxes, points = [], [], []
-        for level, stride in enumerate(m._feat_stride_fpn):
-            score = outputs[level][i]
-            keep = np.where(score >= m.det_thresh)[0]
+        for (keep, score, box, kps), stride in zip(levels, m._feat_stride_fpn, strict=True):
             centres = self._anchor_centres(height // stride, width // stride, stride)[keep]
-            box = outputs[level + levels][i][keep] * stride
-            kps = outputs[level + 2 * levels][i][keep] * stride
-            scores.append(score[keep])
+            box = box * stride
+            kps = kps * stride
+            scores.append(score)
             boxes.append(distance2bbox(centres, box))
             points.append(distance2kps(centres, kps).reshape(len(keep), kps.shape[1] // 2, 2))
         score = np.vstack(scores)
@@ -254,7 +350,9 @@ class InsightFaceEmbedder:
     """ArcFace R50 (WebFace600K) on the 112x112 norm_crop; returns `normed_embedding`."""
 
     def __init__(self, pack: Path, providers: list, config: BuildConfig):
-        self.model = load_model(pack / RECOGNIZER_FILE, providers, "ArcFaceONNX")
+        self.runtime = Runtime(pack / RECOGNIZER_FILE, providers, config)
+        self.net = self.runtime.net
+        self.model = load_model(pack / RECOGNIZER_FILE, self.runtime.providers, "ArcFaceONNX")
         out_dim = self.model.output_shape[-1]
         self.dim = out_dim if isinstance(out_dim, int) else 512
         self.name = f"insightface:{config.models.insightface_name}/{RECOGNIZER_FILE}"
@@ -265,6 +363,15 @@ class InsightFaceEmbedder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         size = self.model.input_size[0]
+        if self.net is not None:
+            # RGB crops straight to the network: the warp treats channels alike, so this is
+            # the crop InsightFace makes from BGR, with its channel swap already done.
+            crops = [
+                face_align.norm_crop(img, landmark=face.landmarks, image_size=size)
+                for img, face in zip(images, faces, strict=True)
+            ]
+            feats = _run_torch(self.net, self.model, crops)
+            return _unit(feats.reshape(len(crops), -1))
         crops = [
             face_align.norm_crop(_bgr(img), landmark=face.landmarks, image_size=size)
             for img, face in zip(images, faces, strict=True)
@@ -273,22 +380,37 @@ class InsightFaceEmbedder:
             feats = self.model.get_feat(crops)
         else:
             feats = np.concatenate([self.model.get_feat(c) for c in crops])
-        feats = feats.reshape(len(crops), -1).astype(np.float32)
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        # A zero vector stays zero rather than becoming NaN.
-        return feats / np.maximum(norms, 1e-12)
+        return _unit(feats.reshape(len(crops), -1))
+
+
+def _unit(feats: np.ndarray) -> np.ndarray:
+    feats = feats.astype(np.float32)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    # A zero vector stays zero rather than becoming NaN.
+    return feats / np.maximum(norms, 1e-12)
+
+
+def _run_torch(net, model, crops: list[np.ndarray]) -> np.ndarray:
+    """RGB uint8 crops through a torch network with the InsightFace model's normalisation; a
+    whole batch a call when the ONNX input's batch axis is free, else one crop a call."""
+    batch = np.stack(crops)
+    chunks = [batch] if _batchable(model) else [batch[i : i + 1] for i in range(len(batch))]
+    return np.concatenate([net.run(c, model.input_mean, model.input_std)[0] for c in chunks])
 
 
 class InsightFaceAttributes:
     """genderage.onnx: gender (0 female, 1 male) and age, batched over faces."""
 
     def __init__(self, pack: Path, providers: list, config: BuildConfig):
-        self.model = load_model(pack / GENDERAGE_FILE, providers, "Attribute")
+        self.runtime = Runtime(pack / GENDERAGE_FILE, providers, config)
+        self.net = self.runtime.net
+        self.model = load_model(pack / GENDERAGE_FILE, self.runtime.providers, "Attribute")
         if self.model.taskname != "genderage":
             raise RuntimeError(f"{pack / GENDERAGE_FILE} is not a genderage model")
         self.name = f"insightface:{config.models.insightface_name}/{GENDERAGE_FILE}"
 
     def _crop(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """BGR for onnxruntime (InsightFace's blob swaps it back), RGB for torch."""
         from insightface.utils import face_align
 
         # Same framing as insightface's Attribute.get: box centre, longest side x 1.5.
@@ -296,7 +418,8 @@ class InsightFaceAttributes:
         x1, y1, x2, y2 = (float(v) for v in box)
         scale = side / (max(x2 - x1, y2 - y1) * 1.5)
         center = ((x1 + x2) / 2, (y1 + y2) / 2)
-        crop, _ = face_align.transform(_bgr(image), center, side, scale, 0)
+        source = image if self.net is not None else _bgr(image)
+        crop, _ = face_align.transform(source, center, side, scale, 0)
         return crop
 
     def _run(self, crops: list[np.ndarray]) -> np.ndarray:
@@ -312,7 +435,9 @@ class InsightFaceAttributes:
         if not images:
             return []
         crops = [self._crop(img, f.box) for img, f in zip(images, faces, strict=True)]
-        if _batchable(self.model):
+        if self.net is not None:
+            preds = _run_torch(self.net, self.model, crops)
+        elif _batchable(self.model):
             preds = self._run(crops)
         else:
             preds = np.concatenate([self._run([c]) for c in crops])

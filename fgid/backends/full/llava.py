@@ -12,15 +12,10 @@ from typing import Protocol
 
 import numpy as np
 
+from fgid.backends.full.llava_prompt import llava_prompt as llava_prompt  # both engines send it
 from fgid.config import BuildConfig
 
 logger = logging.getLogger(__name__)
-
-
-def llava_prompt(question: str) -> str:
-    """The text sent with one image: the llava-hf LLaVA-1.5 chat template rendered for a user turn
-    holding the image then `question`, followed by the generation prompt."""
-    return f"USER: <image>\n{question} ASSISTANT:"
 
 
 def model_source(value: str) -> str:

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from fgid.backends.full.llava import llava_prompt
+from fgid.backends.full.llava_prompt import llava_prompt
 from fgid.config import BuildConfig
 
 logger = logging.getLogger(__name__)

