@@ -2,7 +2,7 @@
 PY ?= python3
 UV := $(PY) -m uv
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench gpu-check-dry clean
 
 # Debian's chromium drives the Prefect UI test; without root or apt it warns and that test skips.
 setup:
@@ -38,6 +38,11 @@ format: setup
 
 bench: setup
 	$(UV) run python bench/build_bench.py
+
+# The GPU check's steps on the CPU at toy sizes (the GPU run itself: bench/gpu_check.sh on a GPU
+# machine, after bench/prepare_gpu_check.sh); figures and log in bench-out/gpu-check/.
+gpu-check-dry: setup
+	bash bench/gpu_check.sh --dry-run
 
 clean:
 	rm -rf data/fgid-demo data/samples .pytest_cache

@@ -16,8 +16,12 @@ Run from the repository root:
   uv run python -m bench.gpu_bench [--device cuda|cpu] [--images N] [--batch-size B]
       [--caption-images N] [--caption-batch B] [--caption-tokens T] [--llava 7b|tiny]
       [--prefetch-batches K] [--decode-workers W] [--cache DIR] [--json PATH]
-GPU runs want onnxruntime-gpu in place of onnxruntime (else the ONNX models run on the CPU;
-`onnx_providers` in the output says which) and, for utilisation, nvidia-ml-py or nvidia-smi.
+      [--models real|tiny] [--runtime auto|onnxruntime|torch] [--precision auto|float32|float16]
+      [--compile off|default|reduce-overhead|max-autotune]
+On CUDA the InsightFace models run in torch by default (models.runtime auto; no onnxruntime-gpu
+needed); `insightface_runtime` in the output says which ran. `--models tiny` swaps in the test
+suite's tiny InsightFace models (a quick run of the same code). GPU utilisation wants
+nvidia-ml-py or nvidia-smi.
 """
 
 from __future__ import annotations
@@ -189,6 +193,15 @@ def model_files(cache: Path) -> dict:
     return json.loads(facts_file.read_text())
 
 
+def tiny_model_files(cache: Path) -> dict:
+    """The test suite's tiny InsightFace pack (batched detector) and BiSeNet weights."""
+    from tests.tiny_full_models import build_bisenet_weights, build_insightface_pack
+
+    root = cache / "tiny"
+    pack = build_insightface_pack(root / "insightface", batched_detector=True)
+    return {"insightface_root": str(pack), "facexlib_root": str(build_bisenet_weights(root / "bn"))}
+
+
 def load_models(config: BuildConfig, device: str) -> ModelSet:
     from fgid.backends.full.bisenet import BiSeNetParser
     from fgid.backends.full.device import onnx_providers
@@ -239,13 +252,17 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     figures: dict = {"device": args.device}
     if args.device.startswith("cuda"):
         figures["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    facts = model_files(args.cache)
-    for name in ("scrfd", "arcface", "genderage", "bisenet"):
-        figures[f"{name}_params_m"] = facts[name]["params"] / 1e6
-    figures["scrfd_gmacs_640x480"] = facts["scrfd"]["macs_640x480"] / 1e9
-    figures["scrfd_gmacs_640x640"] = facts["scrfd"]["macs_640x640"] / 1e9
-    figures["arcface_gmacs_112"] = facts["arcface"]["macs"] / 1e9
-    figures["bisenet_gmacs_512"] = facts["bisenet"]["macs"] / 1e9
+    figures["models"] = args.models
+    if args.models == "tiny":
+        facts = tiny_model_files(args.cache)
+    else:
+        facts = model_files(args.cache)
+        for name in ("scrfd", "arcface", "genderage", "bisenet"):
+            figures[f"{name}_params_m"] = facts[name]["params"] / 1e6
+        figures["scrfd_gmacs_640x480"] = facts["scrfd"]["macs_640x480"] / 1e9
+        figures["scrfd_gmacs_640x640"] = facts["scrfd"]["macs_640x640"] / 1e9
+        figures["arcface_gmacs_112"] = facts["arcface"]["macs"] / 1e9
+        figures["bisenet_gmacs_512"] = facts["bisenet"]["macs"] / 1e9
 
     config = BuildConfig(
         batch_size=args.batch_size,
@@ -254,10 +271,18 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
             "insightface_root": facts["insightface_root"],
             "facexlib_root": facts["facexlib_root"],
             "device": args.device,
+            "runtime": args.runtime,
+            "torch_precision": args.precision,
+            "torch_compile": args.compile,
         },
     )
     models = load_models(config, args.device)
-    figures["onnx_providers"] = models.detector.model.session.get_providers()[0]
+    figures["insightface_runtime"] = models.detector.runtime.name
+    if models.detector.net is None:
+        figures["onnx_providers"] = models.detector.model.session.get_providers()[0]
+    else:
+        figures["torch_dtype"] = str(models.detector.net.dtype).removeprefix("torch.")
+        figures["torch_compile"] = args.compile
     figures["scrfd_batched"] = models.detector.batched
     files = make_inputs(work, args.images)
     run_pipeline(files[: args.batch_size], work / "warmup", config, models)
@@ -321,6 +346,12 @@ def main() -> None:
     parser.add_argument("--caption-batch", type=int)
     parser.add_argument("--caption-tokens", type=int, help="new tokens forced per caption")
     parser.add_argument("--llava", choices=("7b", "tiny"))
+    parser.add_argument("--models", choices=("real", "tiny"), default="real")
+    parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "float32", "float16"), default="auto")
+    parser.add_argument(
+        "--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default="off"
+    )
     parser.add_argument("--prefetch-batches", type=int, default=2)
     parser.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument(

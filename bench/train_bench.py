@@ -125,6 +125,7 @@ log = logging.getLogger("train_bench")
 def write_base_model(folder: Path, shapes: dict, dtype) -> Path:
     """A Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler, image_encoder,
     feature_extractor) with random weights; the tokenizer is CLIP's real BPE vocabulary."""
+    import diffusers
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import (
@@ -170,6 +171,19 @@ def write_base_model(folder: Path, shapes: dict, dtype) -> Path:
         clip_sample=False,
         steps_offset=1,
     ).save_pretrained(folder / "scheduler")
+    # The index a saved pipeline has: training checks for it before loading anything.
+    index = {name: [type(model).__module__.split(".")[0], type(model).__name__]
+             for name, model in parts.items()}  # fmt: skip
+    index.update(
+        _class_name="StableDiffusionPipeline",
+        _diffusers_version=diffusers.__version__,
+        scheduler=["diffusers", "DDPMScheduler"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        feature_extractor=["transformers", "CLIPImageProcessor"],
+        safety_checker=[None, None],
+        requires_safety_checker=False,
+    )
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
@@ -208,15 +222,20 @@ def run(args, work: Path) -> dict:
     import torch
 
     from training.consistentid.train import ConsistentIDTrainConfig, train_consistentid
+    from training.preflight import dataset_summary
 
     shapes, options, resolution = SIZES[args.size]
     resolution = args.resolution or resolution
     dataset = Path(args.dataset) if args.dataset else build_dataset(work, args.images)
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     base = write_base_model(work / f"base-{args.size}", shapes, dtype)
+    # Training refuses a non-512-d (lite) build unless id_dim says so on purpose: the bench
+    # times whatever build it is given, and the ID projection's width barely moves a step.
+    id_dim = int(dataset_summary(str(dataset))["embedding_dim"])
     config = ConsistentIDTrainConfig(
         dataset_url=str(dataset),
         base_model=str(base),
+        id_dim=id_dim,
         model=options,
         loader={
             "batch_size": args.batch_size,
@@ -239,6 +258,7 @@ def run(args, work: Path) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "size": args.size,
         "resolution": resolution,
+        "id_dim": id_dim,
         "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision,
         "workers": args.workers,

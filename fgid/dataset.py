@@ -10,7 +10,7 @@ are in; none spells a file name of the layout itself:
     shards/NNNNN.caption-journal.jsonl   captions of an unfinished shard (fgid.stages.caption)
     identities.parquet, summary.json     written by fgid.finalize
     removals/<id>.json             takedown records (fgid.removal)
-    captions/<id>.json, <id>.NNNNN.jsonl caption runs and their journals (fgid.caption_run)
+    captions/<id>.json, <id>.NNNNN.jsonl caption runs and their journals (fgid.captioning.run)
     .fgid-lock.json                the process writing the folder (storage.lock)
 
 Shard files are read as untrusted (fgid.shardtar), and so are keys from identities.parquet.

@@ -10,60 +10,54 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fgid import grouping
 from fgid.config import BuildConfig
 from fgid.dataset import Dataset
-from fgid.schema import REGIONS, STATUS_OK, reason_code
+from fgid.schema import INDEX_SCHEMA, REGIONS, STATUS_OK, reason_code
 
 AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 
 
-def read_index(out_dir: str) -> pa.Table:
+def read_index(out_dir: str, columns: list[str] | None = None) -> pa.Table:
     """Every shard's index rows, in shard order."""
-    return Dataset(out_dir).index()
+    return Dataset(out_dir).index(columns)
 
 
-def assign_identities(ok: list[dict], config: BuildConfig) -> list[dict]:
+def read_embeddings(dataset: Dataset, kept: pa.Table) -> np.ndarray:
+    """The embeddings of `kept` (the index's ok rows, in order) as one float32 (rows, dim) array,
+    read one shard at a time: the column never exists whole as Arrow lists or Python floats."""
+    shards = kept["shard"].to_numpy()
+    starts = np.r_[0, np.flatnonzero(np.diff(shards)) + 1, len(shards)]
+    embeddings = np.zeros((len(shards), 0), np.float32)
+    for lo, hi in zip(starts[:-1], starts[1:], strict=True):
+        table = dataset.read_index(int(shards[lo]), ["key", "status", "embedding"])
+        table = table.filter(pc.equal(table["status"], STATUS_OK))
+        values = table["embedding"].combine_chunks()
+        if not table["key"].equals(kept["key"].slice(lo, hi - lo)):
+            raise ValueError(f"shard {shards[lo]}: index rows changed while finalizing")
+        dim = len(values.flatten()) // max(len(values), 1)
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        if values.null_count or (lengths != dim).any():
+            raise ValueError(f"shard {shards[lo]}: kept rows without a {dim}-d embedding")
+        if embeddings.shape[1] != dim:
+            if lo:
+                raise ValueError(f"shard {shards[lo]}: {dim}-d embeddings among others")
+            embeddings = np.empty((len(shards), dim), np.float32)
+        embeddings[lo:hi] = values.flatten().to_numpy().reshape(-1, dim)
+    return embeddings
+
+
+def assign_identities(kept: pa.Table, embeddings: np.ndarray, config: BuildConfig) -> pa.Table:
     """One IDENTITY_SCHEMA row per kept sample, in index order."""
-    if not ok:
-        return []
-    first_by_hash: dict[str, str] = {}
-    exact = []
-    for row in ok:
-        exact.append(first_by_hash.setdefault(row["sha256"], row["key"]))
-    emb = np.asarray([row["embedding"] for row in ok], dtype=np.float32)
     metric, threshold, near = grouping.resolve(
-        emb.shape[1], config.group.metric, config.group.threshold, config.group.near_duplicate
+        embeddings.shape[1],
+        config.group.metric,
+        config.group.threshold,
+        config.group.near_duplicate,
     )
-    names = [f"label-{row['label']}" if row["label"] else None for row in ok]
-    unlabelled = [i for i, name in enumerate(names) if name is None]
-    if unlabelled:
-        clusters = grouping.cluster(emb[unlabelled], metric, threshold)
-        # Named after the first member's key, not a running number: the name stays the same
-        # when other identities are removed (takedowns) or added, and it never collides.
-        first_key: dict[int, str] = {}
-        for i, c in zip(unlabelled, clusters, strict=True):
-            names[i] = f"cluster-{first_key.setdefault(int(c), ok[i]['key'])}"
-    codes = {name: n for n, name in enumerate(dict.fromkeys(names))}
-    near_of = grouping.near_duplicates(emb, np.asarray([codes[n] for n in names]), metric, near)
-    sizes = Counter(names)
-    rows = []
-    for i, row in enumerate(ok):
-        is_exact = exact[i] != row["key"]
-        near_key = ok[near_of[i]]["key"] if near_of[i] >= 0 and not is_exact else None
-        rows.append(
-            {
-                "key": row["key"],
-                "shard": row["shard"],
-                "identity": names[i],
-                "identity_source": "label" if row["label"] else "cluster",
-                "identity_size": sizes[names[i]],
-                "duplicate_of": exact[i] if is_exact else None,
-                "near_duplicate_of": near_key,
-            }
-        )
-    return rows
+    return grouping.assign(kept, embeddings, metric, threshold, near)
 
 
 def age_histogram(ages: list[float]) -> dict[str, int]:
@@ -73,10 +67,21 @@ def age_histogram(ages: list[float]) -> dict[str, int]:
     return dict(zip(labels, (int(c) for c in counts), strict=True))
 
 
-def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: BuildConfig) -> dict:
+def value_counts(column) -> dict:
+    counts = pc.value_counts(column)
+    values, numbers = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+    return dict(zip(values, numbers, strict=True))
 
-    rows = index.to_pylist()
-    ok = [r for r in rows if r["status"] == STATUS_OK]
+
+def summarize(
+    index: pa.Table,
+    identities: pa.Table,
+    out_dir: str,
+    config: BuildConfig,
+    embedding_dim: int | None = None,
+) -> dict:
+    # Columns, not rows: a million index rows as Python dicts would take gigabytes.
+    ok = index.filter(pc.equal(index["status"], STATUS_OK))
     dataset = Dataset(out_dir)
     plan = dataset.read_plan()
     done = dataset.done_shards()
@@ -92,43 +97,42 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: Bui
             waited += t.get("input_wait_seconds", 0.0)
             looped += t.get("model_loop_seconds", 0.0)
     # An identity is recognizable when it has two or more distinct images (duplicates excluded).
-    distinct = Counter(
-        r["identity"] for r in identities if not r["duplicate_of"] and not r["near_duplicate_of"]
+    plain = pc.and_(
+        pc.is_null(identities["duplicate_of"]), pc.is_null(identities["near_duplicate_of"])
     )
+    distinct = value_counts(identities.filter(plain)["identity"])
     per_identity = Counter(distinct.values())
-    ages = [r["age"] for r in ok if r["age"] is not None]
+    ages = ok["age"].drop_null().to_numpy().astype(np.float64)
+    regions = value_counts(pc.list_flatten(ok["regions"]))
+    labelled = identities.filter(pc.equal(identities["identity_source"], "label"))
     return {
         "complete": len(done) == len(plan),
         "shards": {"planned": len(plan), "done": len(done)},
-        "inputs": {"planned": sum(len(p.items) for p in plan), "indexed": len(rows)},
-        "samples": len(ok),
-        "rejected": len(rows) - len(ok),
+        "inputs": {"planned": sum(len(p.items) for p in plan), "indexed": index.num_rows},
+        "samples": ok.num_rows,
+        "rejected": index.num_rows - ok.num_rows,
         "rejection_reasons": dict(
-            sorted(Counter(reason_code(r["reason"]) for r in rows if r["reason"]).items())
+            sorted(Counter(reason_code(r) for r in index["reason"].to_pylist() if r).items())
         ),
         "identities": {
             "total": len(distinct),
             "recognizable": sum(1 for n in distinct.values() if n >= 2),
             "images_in_recognizable": sum(n for n in distinct.values() if n >= 2),
-            "from_labels": len(
-                {r["identity"] for r in identities if r["identity_source"] == "label"}
-            ),
+            "from_labels": pc.count_distinct(labelled["identity"]).as_py(),
             "images_per_identity": {str(k): v for k, v in sorted(per_identity.items())},
         },
         "duplicates": {
-            "exact": sum(1 for r in identities if r["duplicate_of"]),
-            "near": sum(1 for r in identities if r["near_duplicate_of"]),
+            "exact": pc.count(identities["duplicate_of"]).as_py(),
+            "near": pc.count(identities["near_duplicate_of"]).as_py(),
         },
         "age": {
             "histogram": age_histogram(ages),
-            "mean": round(float(np.mean(ages)), 2) if ages else None,
-            "median": float(np.median(ages)) if ages else None,
+            "mean": round(float(np.mean(ages)), 2) if len(ages) else None,
+            "median": float(np.median(ages)) if len(ages) else None,
         },
-        "gender": dict(sorted(Counter(r["gender"] or "unknown" for r in ok).items())),
-        "regions_present": {
-            name: sum(1 for r in ok if name in (r["regions"] or [])) for name in REGIONS
-        },
-        "embedding_dim": len(ok[0]["embedding"]) if ok else None,
+        "gender": dict(sorted(Counter(g or "unknown" for g in ok["gender"].to_pylist()).items())),
+        "regions_present": {name: regions.get(name, 0) for name in REGIONS},
+        "embedding_dim": embedding_dim,
         "stage_throughput": {
             name: {
                 "images": int(n),
@@ -148,10 +152,13 @@ def summarize(index: pa.Table, identities: list[dict], out_dir: str, config: Bui
 
 def finalize(out_dir: str, config: BuildConfig) -> dict:
     dataset = Dataset(out_dir)
-    index = dataset.index()
-    ok = index.filter(pa.compute.equal(index["status"], STATUS_OK)).to_pylist()
-    identities = assign_identities(ok, config)
-    dataset.write_identities(identities)
-    summary = summarize(index, identities, dataset.root, config)
+    index = dataset.index([name for name in INDEX_SCHEMA.names if name != "embedding"])
+    kept = index.filter(pc.equal(index["status"], STATUS_OK))
+    embeddings = read_embeddings(dataset, kept)
+    identities = assign_identities(kept, embeddings, config)
+    dim = embeddings.shape[1] if kept.num_rows else None
+    del embeddings  # the largest thing finalize holds; the summary does not need it
+    dataset.write_identities(identities.to_pylist())
+    summary = summarize(index, identities, dataset.root, config, dim)
     dataset.write_summary(summary)
     return summary

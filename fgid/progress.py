@@ -1,7 +1,8 @@
 """Build progress events, so a CLI progress bar works the same with or without Prefect.
 
 A shard's inputs are reported as each batch finishes (`batch_finished`), and the shard as a
-whole when it is committed (`shard_finished`) or found already done (`shard_skipped`). Batch
+whole when it is committed (`shard_finished`), found already done (`shard_skipped`) or given
+up after its retries (`shard_failed`, which takes its batches back out of the count). Batch
 events only reach listeners in the process that builds the shard; under Dask the flow reports
 the shard when its result arrives, and `Tracker` counts each input once either way.
 """
@@ -48,6 +49,11 @@ def shard_skipped(stats: dict) -> None:
     _emit("skipped", stats)
 
 
+def shard_failed(shard: int) -> None:
+    """The shard failed for good: its finished batches are not done inputs after all."""
+    _emit("failed", {"shard": shard, "inputs": 0, "rejected": 0})
+
+
 class Tracker:
     """Inputs and rejections seen so far, each input counted once whatever events arrive."""
 
@@ -68,6 +74,8 @@ class Tracker:
                 seen[1] += payload["rejected"]
                 return self._add(payload["inputs"], payload["rejected"])
             seen = self._seen.pop(payload["shard"], [0, 0])
+            if kind == "failed":
+                return self._add(-seen[0], -seen[1])
             self.shards_done += 1
             added = self._add(payload["inputs"] - seen[0], payload["rejected"] - seen[1])
             if kind == "skipped":

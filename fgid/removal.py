@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import storage
-from fgid.caption_journal import purge
+from fgid.captioning.journal import purge
 from fgid.card import write_card
 from fgid.config import BuildConfig
 from fgid.dataset import REMOVAL_DONE, Dataset, write_json

@@ -138,6 +138,7 @@ class BuildReport:
         self.refresh()
 
     def shard_failed(self, shard_id: int, error: str) -> None:
+        progress.shard_failed(shard_id)
         self.failures[shard_id] = error
         self.rows[shard_id].update(state="failed", error=error)
         self.refresh()

@@ -1,7 +1,7 @@
 """The `caption` Prefect flow: add or replace captions in a built dataset, one task per shard.
 
-Only wiring lives here; every step is a function of fgid.caption_run / fgid.recaption, which run
-the same way without Prefect (fgid.recaption.recaption).
+Only wiring lives here; every step is a function of fgid.captioning (run, recaption), which
+runs the same way without Prefect (fgid.captioning.recaption.recaption).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 import storage
-from fgid.caption_run import (
+from fgid.captioning.captioners import leased_captioner
+from fgid.captioning.recaption import recaption_shard
+from fgid.captioning.run import (
     DEFAULT_FIELDS,
     CaptionRun,
     finish_run,
@@ -20,10 +22,8 @@ from fgid.caption_run import (
     shard_at_run,
     shards_to_caption,
 )
-from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
 from fgid.dataset import Dataset
-from fgid.recaption import recaption_shard
 from flows.build import tag_flow_run
 from flows.build_artifacts import artifact_key, dataset_name
 from flows.retries import describe, retry_transient

@@ -322,7 +322,7 @@ def caption(
     ] = True,
 ) -> None:
     """Add or replace captions in a built dataset with another captioner or prompt."""
-    from fgid.caption_run import FieldExists, fields_from_options
+    from fgid.captioning.run import FieldExists, fields_from_options
     from fgid.dataset import Dataset
     from flows.secrets import load_storage_secret
     from storage.credentials import check_url
@@ -347,7 +347,7 @@ def caption(
 
                 record = caption_flow(dataset=dataset, config=cfg, fields=fields, replace=replace)
         else:
-            from fgid.recaption import recaption
+            from fgid.captioning.recaption import recaption
 
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
             record = recaption(dataset, cfg, fields, replace)

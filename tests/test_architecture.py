@@ -57,11 +57,16 @@ def test_importing_fgid_loads_no_heavy_library():
 # Inside fgid/: the format layer (schema, shard tars, the dataset) knows nothing of the
 # commands built on it, and the build does not reach into takedowns or caption runs.
 LOW_LEVEL = ("fgid.schema", "fgid.shardtar", "fgid.dataset", "fgid.writer")
-FEATURES = ("fgid.pipeline", "fgid.removal", "fgid.caption_run", "fgid.recaption",
+FEATURES = ("fgid.pipeline", "fgid.removal", "fgid.captioning.run", "fgid.captioning.recaption",
             "fgid.export", "fgid.finalize", "fgid.card")  # fmt: skip
 LAYERS = {
     **{low: FEATURES for low in LOW_LEVEL},
-    "fgid.pipeline": ("fgid.removal", "fgid.caption_run", "fgid.recaption", "fgid.export"),
+    "fgid.pipeline": (
+        "fgid.removal",
+        "fgid.captioning.run",
+        "fgid.captioning.recaption",
+        "fgid.export",
+    ),
 }
 
 
@@ -123,5 +128,5 @@ def test_no_import_cycles_among_fgid_modules():
 
 def test_cycle_detector_sees_a_loop_hidden_in_a_function(tmp_path):
     sample = tmp_path / "m.py"
-    sample.write_text("def f():\n    from fgid.caption_run import CAPTIONS_DIR\n")
-    assert "fgid.caption_run" in fgid_imports(sample)
+    sample.write_text("def f():\n    from fgid.captioning.run import CAPTIONS_DIR\n")
+    assert "fgid.captioning.run" in fgid_imports(sample)

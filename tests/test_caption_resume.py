@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fgid.caption_run import DEFAULT_FIELDS
+from fgid.captioning.recaption import recaption
+from fgid.captioning.run import DEFAULT_FIELDS
 from fgid.config import BuildConfig
 from fgid.inputs import sample_key
 from fgid.pipeline import build
-from fgid.recaption import recaption
 from fgid.sample import Sample
 from fgid.schema import CAPTION_PROMPT
 from fgid.stages.caption import CaptionStage

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench.scale_bench import synthetic_faces
 from fgid import grouping
 from fgid.finalize import read_index
 from fgid.pipeline import build
@@ -207,3 +208,100 @@ def test_resolve_defaults_by_dimension_and_keeps_explicit_zero():
     assert grouping.resolve(128, None, None, None) == ("euclidean", 0.6, 0.15)
     assert grouping.resolve(512, None, None, None) == ("cosine", 0.6, 0.05)
     assert grouping.resolve(128, "cosine", 0.3, 0.0) == ("cosine", 0.3, 0.0)
+
+
+# The scalable algorithm against today's exact one (kept here, for checking only).
+
+
+def group_exact(embeddings: np.ndarray, metric: str, threshold: float) -> np.ndarray:
+    """Leader clustering as first written: every sample against every running centroid."""
+    labels = np.empty(len(embeddings), dtype=np.int64)
+    sums = np.zeros((0, embeddings.shape[1]), dtype=np.float64)
+    counts = np.zeros(0, dtype=np.int64)
+    for i, vector in enumerate(embeddings.astype(np.float64)):
+        if len(counts):
+            dist = grouping.distances(vector[None, :], sums / counts[:, None], metric)[0]
+            best = int(np.argmin(dist))
+            if dist[best] <= threshold:
+                labels[i] = best
+                sums[best] += vector
+                counts[best] += 1
+                continue
+        labels[i] = len(counts)
+        sums = np.vstack([sums, vector[None, :]])
+        counts = np.append(counts, 1)
+    return labels
+
+
+def near_exact(embeddings, identities, metric, threshold) -> np.ndarray:
+    result = np.full(len(embeddings), -1, dtype=np.int64)
+    for identity in np.unique(identities):
+        members = np.flatnonzero(identities == identity)
+        dist = grouping.distances(embeddings[members], embeddings[members], metric)
+        for pos in range(1, len(members)):
+            close = np.flatnonzero(dist[pos, :pos] <= threshold)
+            if len(close):
+                result[members[pos]] = members[close[0]]
+    return result
+
+
+def mixtures(seed: int):
+    """Sets with merges, splits and near-threshold faces, for both metrics and several sizes."""
+    rng = np.random.default_rng(seed)
+    for metric, dim, noise in (("cosine", 512, 1.0), ("cosine", 64, 1.2), ("euclidean", 128, 0.3)):
+        people, count = int(rng.integers(5, 200)), int(rng.integers(50, 900))
+        centres = rng.normal(size=(people, dim))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        spread = noise * rng.normal(size=(count, dim)) / np.sqrt(dim)
+        faces = centres[rng.integers(0, people, count)] + spread
+        yield metric, faces.astype(np.float32)
+
+
+@pytest.mark.parametrize("block, candidates", [(256, 16), (16, 2), (7, 1)])
+def test_cluster_equals_the_exact_leader_algorithm(monkeypatch, block, candidates):
+    # Tiny blocks and candidate lists force every path: in-block joins, the full-scan fallback.
+    monkeypatch.setattr(grouping, "BLOCK", block)
+    monkeypatch.setattr(grouping, "CANDIDATES", candidates)
+    for metric, faces in mixtures(block):
+        expected = group_exact(faces, metric, 0.6)
+        assert 1 < len(set(expected)) < len(faces)
+        assert grouping.cluster(faces, metric, 0.6).tolist() == expected.tolist()
+
+
+def test_near_duplicates_equal_the_exact_search(monkeypatch):
+    monkeypatch.setattr(grouping, "SMALL_GROUP", 4)  # small groups batched, larger looped
+    rng = np.random.default_rng(3)
+    faces = rng.normal(size=(600, 16)).astype(np.float32)
+    faces[300:] = faces[:300] + rng.normal(scale=0.05, size=(300, 16)).astype(np.float32)
+    identities = rng.integers(0, 40, 600)
+    identities[300:] = identities[:300]
+    for metric, threshold in (("euclidean", 0.25), ("cosine", 0.002)):
+        expected = near_exact(faces, identities, metric, threshold)
+        assert (expected >= 0).sum() > 100
+        found = grouping.near_duplicates(faces, identities, metric, threshold)
+        assert found.tolist() == expected.tolist()
+
+
+def test_near_duplicates_in_a_huge_identity_use_a_knn_search(monkeypatch):
+    monkeypatch.setattr(grouping, "EXACT_GROUP", 50)
+    rng = np.random.default_rng(4)
+    faces = rng.normal(size=(200, 32)).astype(np.float32)
+    faces[100:] = faces[:100] + rng.normal(scale=0.01, size=(100, 32)).astype(np.float32)
+    found = grouping.near_duplicates(faces, np.zeros(200, np.int64), "euclidean", 0.3)
+    assert found[100:].tolist() == list(range(100)) and (found[:100] == -1).all()
+
+
+def test_projected_search_agrees_with_exact_on_20k_faces():
+    faces, truth = synthetic_faces(4000, 5, seed=7)
+    exact = grouping.cluster(faces, "cosine", 0.6, exact=True)
+    approx = grouping.cluster(faces, "cosine", 0.6, exact=False)
+    rng = np.random.default_rng(8)
+    a, b = rng.integers(0, len(faces), (2, 200_000))
+    # Every same-identity pair of 1,000 identities.
+    members = np.argsort(truth, kind="stable").reshape(4000, 5)[:1000]
+    i, j = np.triu_indices(5, 1)
+    same_a, same_b = members[:, i].ravel(), members[:, j].ravel()
+    for p, q in ((a, b), (same_a, same_b)):
+        agree = (exact[p] == exact[q]) == (approx[p] == approx[q])
+        assert agree.mean() >= 0.99
+    assert (exact[same_a] == exact[same_b]).mean() >= 0.99  # and exact finds the true people

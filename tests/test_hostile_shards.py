@@ -123,7 +123,7 @@ stream = webdataset(ds).decode("rgb8", handler=wds.warn_and_continue)
 done["stream"] = sum(1 for _ in stream)
 from fgid.export import export_consistentid
 done["export"] = export_consistentid(ds, out, allow_any_dim=True)["samples"]
-from fgid.recaption import recaption
+from fgid.captioning.recaption import recaption
 config = BuildConfig(models={"set": "lite"})
 try:
     recaption(ds, config, {"extra": "Describe the face."})

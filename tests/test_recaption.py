@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from fgid.caption_run import DEFAULT_FIELDS, FieldExists, check_fields, fields_from_options
-from fgid.captioners import load_captioner
+from fgid.captioning.captioners import load_captioner
+from fgid.captioning.recaption import recaption
+from fgid.captioning.run import DEFAULT_FIELDS, FieldExists, check_fields, fields_from_options
 from fgid.config import BuildConfig
 from fgid.finalize import finalize
 from fgid.pipeline import build
-from fgid.recaption import recaption
 from fgid.schema import FACIAL_PROMPT
 from tests.tiny_full_models import build_tiny_llava
 

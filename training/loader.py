@@ -22,35 +22,25 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 import storage
+from fgid.dataset import IDENTITIES_FILE, Dataset
 from storage.gopen import register
 from training.consistentid.batch import ConsistentIDBatch
+from training.faceclip.batch import FaceCLIPBatch
 from training.pairs import IdentityTable, draw
 from training.reference import Reference, decode_sample, shard_id
-from training.regions import (
-    ARCFACE_SIZE,
-    CLIP_MEAN,
-    CLIP_STD,
-    arcface_crop,
-    clip_preprocess,
-    to_unit_range,
-)
-from training.stream import shard_urls
+from training.regions import CLIP_MEAN, CLIP_STD
+from training.schedule import Schedule, node_rank
+from training.stream import shard_urls, tar_samples
 from training.tarindex import ShardReader
 from training.text import add_facial_token
 
@@ -86,74 +76,6 @@ class LoaderConfig(BaseModel):
         description="local folder for shard tar indexes, shared by workers and later runs "
         "(recommended for s3:// datasets, where indexing a tar reads most of it)",
     )
-
-
-def node_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size): arguments, else torch.distributed when initialised, else RANK and
-    WORLD_SIZE from the environment, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        found = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    rank = found[0] if rank is None else rank
-    world_size = found[1] if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size}")
-    return rank, world_size
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Which shards each (round, node, worker) reads, and where a resumed run starts."""
-
-    counts: tuple[int, ...]  # kept samples per shard
-    node: int
-    nodes: int
-    workers: int  # >= 1; virtual workers, the DataLoader's with workers=0 being one
-    seed: int
-    resampled: bool
-    shuffle_shards: bool
-    batch_size: int
-    drop_last: bool
-
-    def shards(self, round_: int, worker: int) -> list[int]:
-        slots = self.nodes * self.workers
-        order: list[int] = []
-        for rep in itertools.count():
-            perm = list(range(len(self.counts)))
-            if self.shuffle_shards:
-                draw(self.seed, "shards", round_, rep).shuffle(perm)
-            order += perm
-            if not self.resampled or len(order) >= slots:
-                break
-        return order[self.node + self.nodes * worker :: slots]
-
-    def batches(self, worker: int) -> int:
-        """Batches of `worker` in a finite run."""
-        samples = sum(self.counts[i] for i in self.shards(0, worker))
-        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-    def resume(self, start_batch: int) -> tuple[int, tuple[int, ...]]:
-        """(worker playing the DataLoader's first worker, batches each worker skips)."""
-        w = self.workers
-
-        def owned(key: int, worker: int) -> int:  # worker's batches with round-robin key < key
-            return max(0, -(-(key - worker) // w))
-
-        if self.resampled:
-            return start_batch % w, tuple(owned(start_batch, v) for v in range(w))
-        sizes = [self.batches(v) for v in range(w)]
-        if start_batch >= sum(sizes):
-            return 0, tuple(sizes)
-
-        def before(key: int) -> int:
-            return sum(min(n, owned(key, v)) for v, n in enumerate(sizes))
-
-        lo, hi = 0, w * max(sizes)  # the round-robin key of batch start_batch
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if before(mid + 1) > start_batch else (mid + 1, hi)
-        return lo % w, tuple(min(n, owned(lo, v)) for v, n in enumerate(sizes))
 
 
 def shuffled(items: Iterator, size: int, rng) -> Iterator:
@@ -217,7 +139,7 @@ class FaceBatches(IterableDataset):
                 skip -= total
                 continue
             rng = draw(sched.seed, "samples", round_, sched.node, worker)
-            source = tarfile_samples([{"url": self.urls[i]} for i in shards])
+            source = tar_samples([{"url": self.urls[i]} for i in shards])
             seen: Counter = Counter()
             for raw in shuffled(source, self.config.shuffle_buffer, rng):
                 seen[raw["__url__"]] += 1
@@ -252,31 +174,6 @@ class Identified:
 
     def __call__(self, items: list[Item]) -> dict:
         return {**_identity_fields(items), **self.make_batch(items)}
-
-
-class FaceCLIPBatch:
-    """Items -> the FaceCLIP batch dict (contracts: reference face, target image and caption)."""
-
-    def __init__(self, config: LoaderConfig) -> None:
-        self.config = config
-
-    def __call__(self, items: list[Item]) -> dict:
-        cfg = self.config
-        targets, refs = [t for t, _, _ in items], [r for _, r, _ in items]
-        images = np.stack([t.image for t in targets])
-        faces = np.stack([arcface_crop(r.image, r.landmarks) for r in refs])
-        return {
-            **_identity_fields(items),
-            "caption": [t.caption for t in targets],
-            "ref_face_112": to_unit_range(faces, ARCFACE_SIZE),
-            "ref_id_embeds": torch.from_numpy(np.stack([r.embedding for r in refs])),
-            "pixel_values": to_unit_range(images, cfg.resolution),
-            "clip_pixel_values": clip_preprocess(
-                images, cfg.clip_size, cfg.clip_mean, cfg.clip_std
-            ),
-            "original_size": torch.tensor([t.image.shape[:2] for t in targets], dtype=torch.long),
-            "crop_top_left": torch.zeros(len(items), 2, dtype=torch.long),
-        }
 
 
 def _identity_fields(items: list[Item]) -> dict:
@@ -316,7 +213,8 @@ def faceclip_loader(
 ) -> DataLoader:
     """FaceCLIP batches."""
     config = config or LoaderConfig()
-    return _loader(dataset_url, config, FaceCLIPBatch(config), start_batch, rank, world_size)
+    batcher = Identified(FaceCLIPBatch(config))
+    return _loader(dataset_url, config, batcher, start_batch, rank, world_size)
 
 
 def face_batches(
@@ -337,10 +235,11 @@ def face_batches(
     if not urls:
         raise FileNotFoundError(f"no finished shards under {dataset_url}")
     register(urls[0])
+    dataset = Dataset(dataset_url)
     with ThreadPoolExecutor(8) as pool:
-        counts = list(pool.map(_kept_samples, urls))
+        counts = list(pool.map(dataset.kept_samples, map(shard_id, urls)))
     table = None
-    if config.pair_identities or storage.exists(storage.join(dataset_url, "identities.parquet")):
+    if config.pair_identities or storage.exists(dataset.path(IDENTITIES_FILE)):
         table = IdentityTable.read(dataset_url, shards={shard_id(u) for u in urls})
     # Shards with no kept sample are left out, so every slot of a round gets samples.
     urls = [u for u, n in zip(urls, counts, strict=True) if n]
@@ -388,10 +287,3 @@ def _worker_context(method: str):
     import multiprocessing
 
     return multiprocessing.get_context(method)
-
-
-def _kept_samples(tar_url: str) -> int:
-    """Kept samples of a shard, from its Parquet index (written with the tar, rewritten with it)."""
-    with storage.open_input(tar_url.removesuffix(".tar") + ".parquet") as handle:
-        status = pq.read_table(handle, columns=["status"])["status"]
-    return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)

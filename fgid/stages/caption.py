@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from fgid.caption_journal import Journal
+from fgid.captioning.journal import Journal
 from fgid.config import BuildConfig
 from fgid.protocols import Captioner
 from fgid.sample import Sample

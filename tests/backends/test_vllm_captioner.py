@@ -11,7 +11,7 @@ from skimage import data
 
 from fgid.backends.full.llava import LlavaCaptioner, llava_prompt
 from fgid.backends.full.vllm_captioner import EngineUnavailable, split_answers, vllm_requests
-from fgid.captioners import load_captioner
+from fgid.captioning.captioners import load_captioner
 from fgid.config import BuildConfig
 from fgid.schema import CAPTION_PROMPT, FACIAL_PROMPT
 from fgid.stages.caption import PROMPTS, caption_fields

@@ -33,10 +33,10 @@ def test_caption_flow_retries_a_shard_from_its_journal(
     from prefect.task_runners import ThreadPoolTaskRunner
 
     import flows.caption as flow_module
-    from fgid.caption_run import DEFAULT_FIELDS
-    from fgid.captioners import load_captioner
+    from fgid.captioning.captioners import load_captioner
+    from fgid.captioning.recaption import recaption
+    from fgid.captioning.run import DEFAULT_FIELDS
     from fgid.pipeline import build
-    from fgid.recaption import recaption
 
     config = lite_config.with_overrides(**{"caption.batch_size": 2})
     out = tmp_path / "captioned"

@@ -1,4 +1,6 @@
-"""Headless Chromium sees a build in the Prefect UI: its run, shard task runs, tags, artifacts."""
+"""Headless Chromium sees builds in the Prefect UI: a finished one (its run, shard task runs, tags,
+artifacts), a failed one (the failure artifact names the cause) and a running one (its progress
+artifact moves)."""
 
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 DATASET = "ui-demo"
-STAGES = "decode>detect>align>parse>embed>attributes>caption"
-SHARD_RUNS = [f"{DATASET} shard {i:05d} {STAGES}" for i in range(3)]
+BROKEN = "ui-broken"
+RUNNING = "ui-running"
+SHARD_RUNS = [f"{DATASET} shard {i:05d}" for i in range(3)]
 PLOT_COUNT = 5
 WAIT_MS = 30_000
 
@@ -45,6 +48,12 @@ def api_post(api_url: str, path: str, body: dict) -> list[dict]:
         return json.load(response)
 
 
+def artifact(api_url: str, key: str) -> dict | None:
+    """The latest version of the artifact with `key`, or None."""
+    found = api_post(api_url, "artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
+    return max(found, key=lambda a: a["created"]) if found else None
+
+
 def wait_until_recorded(api_url: str, timeout: float = 60.0) -> dict:
     """The card artifact, once the server has recorded every task run and artifact.
 
@@ -52,13 +61,24 @@ def wait_until_recorded(api_url: str, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         tasks = api_post(api_url, "task_runs/filter", {})
-        artifacts = api_post(api_url, "artifacts/filter", {})
         final = [t for t in tasks if t["state"] and t["state"]["type"] == "COMPLETED"]
-        cards = [a for a in artifacts if a["key"] == f"fgid-card-{DATASET}"]
-        if len(final) >= len(SHARD_RUNS) + 1 and len(artifacts) >= 3 and cards:
-            return cards[0]
+        card = artifact(api_url, f"fgid-card-{DATASET}")
+        failure = artifact(api_url, f"fgid-failure-{BROKEN}")
+        if len(final) >= len(SHARD_RUNS) + 1 and card and failure:
+            return card
         time.sleep(0.5)
-    raise TimeoutError(f"server recorded {len(tasks)} task runs, {len(artifacts)} artifacts")
+    raise TimeoutError(f"server recorded {len(tasks)} task runs, no card or failure artifact")
+
+
+def fgid_build(server, inputs: Path, out: Path, *extra: str, wait: bool = True):
+    """`fgid build` in a process of its own, as an operator runs it."""
+    args = ["build", str(inputs), "--out", str(out), "--models", "lite", *extra]
+    command = [sys.executable, "-m", "flows.cli", *args]
+    where = {"env": server.env, "cwd": Path(__file__).resolve().parents[2]}
+    if not wait:
+        log = open(out.parent / f"{out.name}.log", "wb")  # noqa: SIM115 - lives with the process
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **where)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **where)
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +98,12 @@ def ui_build(tmp_path_factory, demo_inputs):
     server.env["PREFECT_UI_API_URL"] = server.api_url
     server.start()
     try:
-        out = root / DATASET
-        args = ["build", str(demo_inputs), "--out", str(out), "--models", "lite"]
-        done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", *args, "--shard-size", "4"],
-            capture_output=True,
-            text=True,
-            env=server.env,
-            cwd=Path(__file__).resolve().parents[2],
-            timeout=300,
-        )
+        done = fgid_build(server, demo_inputs, root / DATASET, "--shard-size", "4")
         assert done.returncode == 0, done.stderr[-3000:]
+        # A directory where shard 00001's tar must go: its rename fails (EISDIR), as root too.
+        (root / BROKEN / "shards" / "00001.tar").mkdir(parents=True)
+        failed = fgid_build(server, demo_inputs, root / BROKEN, "--shard-size", "4")
+        assert failed.returncode == 1, failed.stderr[-3000:]
         card = wait_until_recorded(server.api_url)
         yield server, root, card
     finally:
@@ -158,3 +173,68 @@ def test_ui_shows_the_build_its_shards_and_artifacts(ui_build, browser, prefix):
     page.screenshot(path=root / f"{name}-card.png")
     assert (root / f"{name}-card.png").stat().st_size > 30_000
     page.close()
+
+
+def open_run(page, base: str, run_name: str) -> None:
+    page.goto(f"{base}/runs")
+    page.get_by_role("link", name=run_name).first.click()
+    page.get_by_role("tablist").get_by_text("Job Variables", exact=True).wait_for()
+
+
+@pytest.mark.parametrize("prefix", ["/v2", ""], ids=["v2", "v1"])
+def test_ui_names_the_cause_of_a_failed_build(ui_build, browser, prefix):
+    server, root, _ = ui_build
+    base = server.api_url.removesuffix("/api") + prefix
+    page = browser.new_page()
+    name = "v2" if prefix else "v1"
+    open_run(page, base, f"build-{BROKEN}-lite")
+    # The run's state message says which shard failed and why.
+    page.get_by_text("IsADirectoryError").first.wait_for()
+    page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+    page.get_by_text(f"fgid-failure-{BROKEN}", exact=True).filter(visible=True).first.click()
+    page.wait_for_url(re.compile(r"/artifacts/(key|artifact)/"))
+    if "/artifacts/key/" in page.url:  # V2 lists the key's versions first
+        failure = artifact(server.api_url, f"fgid-failure-{BROKEN}")
+        page.get_by_role("link", name=failure["id"][:8]).click()
+    page.get_by_role("heading", name=re.compile(f"Build {BROKEN} failed: 1 shard")).wait_for()
+    page.get_by_role("cell", name="00001").wait_for()
+    page.get_by_text("IsADirectoryError: [Errno 21] Is a directory").first.wait_for()
+    page.get_by_text(re.compile(f"fgid build .* --out .*{BROKEN}")).first.wait_for()
+    page.screenshot(path=root / f"{name}-failure.png", full_page=True)
+    page.close()
+
+
+def test_ui_progress_moves_while_a_build_runs(ui_build, browser, demo_inputs, tmp_path):
+    server, root, _ = ui_build
+    base = server.api_url.removesuffix("/api") + "/v2"
+    # Three copies of the demo photos in shards of two: long enough to watch it move.
+    inputs = tmp_path / "inputs"
+    for copy in range(3):
+        shutil.copytree(demo_inputs, inputs / f"copy-{copy}")
+    build = fgid_build(server, inputs, root / RUNNING, "--shard-size", "2", wait=False)
+    page = browser.new_page()
+    try:
+        key = f"fgid-progress-{RUNNING}"
+        deadline = time.monotonic() + 180
+        while (bar := artifact(server.api_url, key)) is None and time.monotonic() < deadline:
+            assert build.poll() is None, (root / f"{RUNNING}.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert bar is not None, (root / f"{RUNNING}.log").read_text()[-3000:]
+        seen = []
+        shown = re.compile(r"running: (\d+) of 15 shards, (\d+) of 30 inputs")
+        while len(seen) < 2 and build.poll() is None:
+            page.goto(f"{base}/artifacts/artifact/{bar['id']}")
+            text = page.get_by_text(shown).first
+            text.wait_for()
+            inputs_done = int(shown.search(text.inner_text()).group(2))
+            if not seen or inputs_done > seen[-1]:
+                seen.append(inputs_done)
+                page.screenshot(path=root / f"v2-progress-{len(seen)}.png", full_page=True)
+            time.sleep(2)
+        assert len(seen) == 2 and seen[1] > seen[0], seen
+    finally:
+        page.close()
+        returncode = build.wait(timeout=300)
+    assert returncode == 0, (root / f"{RUNNING}.log").read_text()[-3000:]
+    done = artifact(server.api_url, key)
+    assert done["data"] == 100 and done["description"].startswith("completed: 15 of 15 shards")

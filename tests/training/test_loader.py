@@ -11,7 +11,7 @@ import torch
 from transformers import CLIPTokenizer
 
 import training.loader as loader_module
-from training.loader import LoaderConfig, consistentid_loader, faceclip_loader, node_rank
+from training.loader import LoaderConfig, consistentid_loader, faceclip_loader
 from training.reference import decode_sample
 from training.regions import (
     arcface_crop,
@@ -21,6 +21,7 @@ from training.regions import (
     resize_label_map,
     to_unit_range,
 )
+from training.schedule import node_rank
 from training.stream import webdataset
 from training.text import REGION_WORDS, facial_token_id
 

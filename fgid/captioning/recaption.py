@@ -19,8 +19,9 @@ import time
 import numpy as np
 
 from fgid import schema
-from fgid.caption_journal import Journal
-from fgid.caption_run import (
+from fgid.captioning.captioners import leased_captioner
+from fgid.captioning.journal import Journal
+from fgid.captioning.run import (
     BUILD_RUN,
     DEFAULT_FIELDS,
     CaptionRun,
@@ -34,7 +35,6 @@ from fgid.caption_run import (
     shard_at_run,
     shards_to_caption,
 )
-from fgid.captioners import leased_captioner
 from fgid.config import BuildConfig
 from fgid.dataset import Dataset
 from fgid.protocols import Captioner
