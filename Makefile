@@ -19,10 +19,12 @@ demo: setup
 	$(UV) run fgid build data/samples --out data/fgid-demo --models lite --shard-size 4
 	$(UV) run fgid inspect data/fgid-demo
 
-# Everything CI runs: unit, slow (Prefect server, real kills) and, where a GPU exists, gpu tests.
+# Everything CI runs: the GPU check's steps on the CPU at toy sizes (so the one command a GPU
+# session runs works), then unit, slow (Prefect server, real kills) and, on a GPU, gpu tests.
 # Training tests run in a pytest process of their own: they start DataLoader worker processes,
 # which hung or died after the browser and server tests had run in the same process.
 test: setup
+	bash bench/gpu_check.sh --dry-run
 	$(UV) run pytest --ignore=tests/training
 	$(UV) run pytest tests/training
 

@@ -130,7 +130,7 @@ def main() -> None:
             child = subprocess.run(
                 [sys.executable, "-m", "bench.scale_bench", "--finalize", str(out)],
                 check=True,
-                capture_output=True,
+                stdout=subprocess.PIPE,  # stderr passes through: a failure shows its traceback
                 text=True,
             )
             result = json.loads(child.stdout.strip().splitlines()[-1])

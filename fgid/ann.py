@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import faiss
 import numpy as np
 
 # Rows per storage chunk: a growing table never copies what it already holds.
 CHUNK_ROWS = 65536
+# Below this many multiply-adds a search runs on one thread: faiss's OpenMP threads spin-wait, and
+# on a busy machine a small search took 6x longer on two threads than on one.
+THREADED_FROM = 2e9
+
+
+@contextlib.contextmanager
+def one_thread(small: bool):
+    before = faiss.omp_get_max_threads()
+    if small:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def gpu_count() -> int:
@@ -89,7 +105,8 @@ class VectorTable:
         if self.gpu is not None:
             _, ids = faiss.knn_gpu(self.gpu, q, base, kk, metric=self.metric)
         else:
-            _, ids = faiss.knn(q, base, kk, metric=self.metric)
+            with one_thread(q.size * len(base) < THREADED_FROM):
+                _, ids = faiss.knn(q, base, kk, metric=self.metric)
         out[:, :kk] = ids
         return out
 

@@ -195,6 +195,58 @@ class ModelsConfig(Section):
     )
 
 
+class InputsConfig(Section):
+    """Which columns of an input table (URL table, Parquet image dataset) mean what."""
+
+    url_column: str = Field("url", description="URL tables: the column of image URLs")
+    caption_column: str | None = Field(
+        None, description="a column kept as the source caption (index source_caption)"
+    )
+    label_column: str | None = Field(
+        None, description="a column holding the identity label (as --labels does for files)"
+    )
+    license_column: str | None = Field(
+        None, description="a column kept as the source licence (index source_license)"
+    )
+    image_column: str | None = Field(
+        None,
+        description="Parquet image datasets: the column of image bytes ({bytes, path} structs "
+        "as Hugging Face datasets writes them, or binary); None = the only such column",
+    )
+
+
+class DownloadConfig(Section):
+    """How http(s) sources are fetched (fgid.download)."""
+
+    concurrency: int = Field(16, ge=1, description="downloads of one batch at once")
+    timeout: float = Field(
+        10.0, gt=0, description="seconds for one request: connection, headers and body"
+    )
+    retries: int = Field(
+        2, ge=0, le=10, description="retries after a timeout, connection error, 429 or 5xx"
+    )
+    backoff: float = Field(
+        0.5, ge=0, description="seconds before the first retry, doubled for each next one"
+    )
+    user_agent: str | None = Field(
+        None, description="User-Agent header; None = fgid/<version> with the project address"
+    )
+    # Content settings: part of the output hash only when changed from the default, so configs
+    # and hashes from before downloads existed stay the same and their builds still resume.
+    max_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="larger downloads are stopped and rejected; None = decode.max_bytes",
+        exclude_if=lambda value: value is None,
+    )
+    honour_opt_out: bool = Field(
+        True,
+        description="reject images whose server sends X-Robots-Tag noai, noimageai, noindex, "
+        "noimageindex or none (img2dataset's directives)",
+        exclude_if=lambda value: value is True,
+    )
+
+
 class BuildConfig(Section):
     shard_size: int = Field(1000, ge=1, description="inputs per shard")
     batch_size: int = Field(16, ge=1, description="images per stage call")
@@ -212,6 +264,8 @@ class BuildConfig(Section):
     caption: CaptionConfig = CaptionConfig()
     group: GroupConfig = GroupConfig()
     models: ModelsConfig = ModelsConfig()
+    inputs: InputsConfig = InputsConfig()
+    download: DownloadConfig = DownloadConfig()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BuildConfig:
@@ -238,5 +292,12 @@ class BuildConfig(Section):
         data["caption"].pop("batch_size")
         data["models"].pop("device")
         data["decode"].pop("memory_budget_mb")  # how much is decoded at once, not what
+        # Which inputs and columns are read is checked against the recorded plan instead; of
+        # the download settings only the content ones count, and only when changed.
+        data.pop("inputs")
+        download = data.pop("download")
+        content = {k: download[k] for k in ("max_bytes", "honour_opt_out") if k in download}
+        if content:
+            data["download"] = content
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

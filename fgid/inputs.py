@@ -1,6 +1,9 @@
-"""Turn folders, files and list files into a deterministic plan of shards.
+"""Turn folders, files, list files, tables and archives into a deterministic plan of shards.
 
 Inputs may be local paths or object-store URLs (s3://bucket/prefix); a URL source stays a URL.
+URL tables (CSV, TSV, JSONL, Parquet), Parquet image datasets, zip and tar archives and
+webdataset shards (a list or a brace pattern, `shard-{000..009}.tar`) give one source per image,
+with the caption, label, licence and URL their table or shard holds (fgid.sources).
 Keys are a hash of the absolute source path or URL, so they carry no dots, survive reordering
 and are the same on every rerun. The plan is written once per output folder; a rerun must see
 the same plan, so that finished shards stay valid.
@@ -10,8 +13,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import posixpath
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import storage
+from fgid.config import InputsConfig
 from fgid.errors import UsageError
+from fgid.sources import BAD_URL, Entry, PlanError, container_kind, is_web, split_member
+from fgid.sources.archives import archive_entries, is_compressed_tar
+from fgid.sources.tables import table_entries, table_kind
 from storage.credentials import check_url
 from storage.local import NotRegularFile, read_regular
 
@@ -37,8 +46,14 @@ UNDECODABLE = "undecodable-name:"
 
 PLAN_FILE = "plan.parquet"
 PLAN_SCHEMA = pa.schema(
-    [("shard", pa.int32()), ("key", pa.string()), ("source", pa.string()), ("label", pa.string())]
-)
+    [("shard", pa.int32()), ("key", pa.string()), ("source", pa.string()), ("label", pa.string()),
+     # What a table or shard said about the source; plans written before these existed lack
+     # them and read as nulls.
+     ("caption", pa.string()), ("license", pa.string()), ("source_url", pa.string()),
+     ("extra", pa.string())]
+)  # fmt: skip
+BRACES = re.compile(r"\{([^{}]*)\}")
+MAX_EXPANSION = 1_000_000
 
 
 class InputError(UsageError):
@@ -60,6 +75,18 @@ class InputItem:
     key: str
     source: str
     label: str | None = None
+    caption: str | None = None
+    license: str | None = None
+    source_url: str | None = None
+    extra: str | None = None  # JSON object text: a shard's or table's other fields
+
+    def provenance(self) -> dict:
+        """What the item's table or shard said, for the sample's json (`source_info`)."""
+        found = {"caption": self.caption, "license": self.license, "url": self.source_url}
+        found = {k: v for k, v in found.items() if v is not None}
+        if self.extra:
+            found["fields"] = json.loads(self.extra)
+        return found
 
 
 @dataclass(frozen=True)
@@ -171,22 +198,40 @@ def _is_list(path: str) -> bool:
     return Path(storage.name(path)).suffix.lower() in LIST_SUFFIXES
 
 
-def _collect_remote(url: str) -> list[str]:
-    """An object-store URL: a prefix holding objects, a list object, or one image object."""
+def _collect_file(path: str, columns) -> list[Entry] | None:
+    """The entries of a table, archive or shard at `path` (a file or object), else None."""
+    if is_compressed_tar(path):
+        raise InputError(f"a compressed tar cannot be read in place: {path}; use .tar or .zip")
+    try:
+        if table_kind(path) is not None:
+            return table_entries(path, columns)
+        kind = container_kind(path)
+        return archive_entries(kind, path) if kind in ("zip", "tar") else None
+    except PlanError as error:
+        raise InputError(str(error)) from None
+
+
+def _collect_remote(url: str, columns) -> list[Entry]:
+    """An object-store URL: a prefix holding objects, a list object, a table, archive or
+    shard, or one image object."""
     url = url.rstrip("/")
     try:
         check_url(url)
     except ValueError as error:
         raise InputError(str(error)) from None
+    if is_web(url):
+        return [Entry(url)]  # downloaded when decoded (fgid.download)
     fs, path = storage.filesystem(url)
     if fs.isfile(path):
-        return _read_list(url) if _is_list(url) else [url]
+        if _is_list(url):
+            return [Entry(s) for s in _read_list(url)]
+        return _collect_file(url, columns) or [Entry(url)]
     if fs.isdir(path):
-        return [u for u in storage.walk_files(url) if _is_image(storage.name(u))]
+        return [Entry(u) for u in storage.walk_files(url) if _is_image(storage.name(u))]
     parent = posixpath.dirname(path)
     if not parent or not fs.exists(parent):
         raise InputNotFound(f"input not found: {url}")
-    return [url]  # a missing object in an existing bucket: an `unreadable` row, as locally
+    return [Entry(url)]  # a missing object in an existing bucket: an `unreadable` row, as locally
 
 
 def _suggestion(path: Path) -> str:
@@ -206,63 +251,124 @@ def _suggestion(path: Path) -> str:
     return f" (did you mean {missing.parent / close[0] / rest}?)"
 
 
-def _collect_one(raw: str, exclude: frozenset[str]) -> list[str]:
+def expand_braces(pattern: str) -> list[str]:
+    """`shard-{000..009}.tar` and `{a,b}.tar` as webdataset spells shard lists; zero-padded
+    ranges keep their width. At most MAX_EXPANSION names (InputError past it)."""
+    match = BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+    ends = body.split("..")
+    if len(ends) == 2 and ends[0].isdigit() and ends[1].isdigit():
+        low, high = int(ends[0]), int(ends[1])
+        if high - low >= MAX_EXPANSION:
+            raise InputError(f"brace range too large: {{{body}}}")
+        width = len(ends[0]) if ends[0].startswith("0") else 0
+        choices = [f"{n:0{width}d}" for n in range(low, high + 1)]
+    else:
+        choices = body.split(",")
+    names: list[str] = []
+    for choice in choices:
+        names.extend(expand_braces(head + choice + tail))
+        if len(names) > MAX_EXPANSION:
+            raise InputError(f"brace pattern names more than {MAX_EXPANSION} inputs: {pattern}")
+    return names
+
+
+def _collect_one(raw: str, exclude: frozenset[str], columns=None) -> list[Entry]:
+    columns = columns if columns is not None else InputsConfig()
+    if "{" in raw and not storage.is_remote(raw) and not os.path.lexists(raw):
+        expanded = expand_braces(raw)
+        if expanded != [raw]:
+            return [e for name in expanded for e in _collect_one(name, exclude, columns)]
     if storage.is_remote(raw):
-        return _collect_remote(raw)
+        if "{" in raw and not is_web(raw):
+            expanded = expand_braces(raw)
+            if expanded != [raw]:
+                return [e for name in expanded for e in _collect_remote(name, columns)]
+        return _collect_remote(raw, columns)
     path = Path(raw)
     if path.is_dir():
-        return _walk_images(path, exclude)
+        return [Entry(s) for s in _walk_images(path, exclude)]
     if path.suffix.lower() in LIST_SUFFIXES and (path.exists() or path.is_symlink()):
-        return _read_list(str(path))  # a FIFO or device named *.txt is refused, never read
+        # a FIFO or device named *.txt is refused, never read
+        return [Entry(s) for s in _read_list(str(path))]
     if not path.exists() and not path.is_symlink():
         raise InputNotFound(f"input not found: {raw}{_suggestion(path)}")
-    return [str(path)]  # a special file or a broken link: a row says what it is
+    if path.is_file():
+        found = _collect_file(os.path.abspath(raw), columns)
+        if found is not None:
+            return found
+    return [Entry(str(path))]  # a special file or a broken link: a row says what it is
 
 
-def _sorted_sources(found: Iterable[str]) -> list[str]:
-    absolute = {s if storage.is_remote(s) else os.path.abspath(s) for s in found}
-    return sorted(storable(s) for s in absolute)
+def _absolute(entry: Entry) -> Entry:
+    source = entry.source
+    # Member sources are built from an absolute container already; URL-table values are kept.
+    if not (storage.is_remote(source) or source.startswith(BAD_URL) or split_member(source)):
+        source = os.path.abspath(source)
+    source = storable(source)
+    return (
+        entry
+        if source == entry.source
+        else Entry(source, entry.label, entry.caption, entry.license, entry.url, entry.extra)
+    )
 
 
-def collect_sources(inputs: list[str], exclude: Iterable[str] = ()) -> list[str]:
+def _sorted_entries(found: Iterable[Entry]) -> list[Entry]:
+    """Absolute, storable, one per source (the first an input gave), sorted by source."""
+    unique: dict[str, Entry] = {}
+    for entry in map(_absolute, found):
+        unique.setdefault(entry.source, entry)
+    return [unique[s] for s in sorted(unique)]
+
+
+def collect_entries(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[Entry]:
+    """collect_sources, with what each source's table or shard said about it."""
+    skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
+    found: list[Entry] = []
+    for raw in inputs:
+        found.extend(_collect_one(str(raw), skip, columns))
+    return _sorted_entries(found)
+
+
+def collect_sources(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[str]:
     """Expand inputs into absolute source paths and URLs, sorted and without repeats.
 
     A folder (or an s3:// prefix) contributes every image-suffixed file below it, except the
     folders in `exclude` (give the build's output) and any folder a build wrote; a .txt/.lst
     file is a list of paths or URLs (one per line, relative to the list), where a missing entry
-    becomes an `unreadable` row, not a crash. Any other input is taken as one image; one that
-    does not exist raises InputNotFound. URLs with credentials raise InputError."""
-    skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
-    sources: set[str] = set()
-    for raw in inputs:
-        sources.update(_collect_one(str(raw), skip))
-    return _sorted_sources(sources)
+    becomes an `unreadable` row, not a crash. A URL table, Parquet image dataset, zip or tar
+    (webdataset shards too) gives a source per row or image member (`columns`: an InputsConfig
+    naming the table's columns). Any other input is taken as one image; one that does not
+    exist raises InputNotFound. URLs with credentials raise InputError."""
+    return [e.source for e in collect_entries(inputs, exclude, columns)]
 
 
-def check_inputs(inputs: list[str], exclude: Iterable[str] = ()) -> list[str]:
+def check_inputs(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[str]:
     """The sources a build of `inputs` would plan, or InputError naming every problem at once.
 
     For a command to call before it writes anything: an input that does not exist (with the
-    nearest existing name as a hint), a folder, prefix or list file that yields no image, a
-    bad list file, a URL with credentials, or no image at all. Each problem is one line in
-    `InputError.problems`; the messages never repeat a credential."""
+    nearest existing name as a hint), a folder, prefix, list file, table or archive that yields
+    no image, a bad list file, table or archive, a URL with credentials, or no image at all.
+    Each problem is one line in `InputError.problems`; the messages never repeat a credential."""
     skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
     problems: list[str] = []
-    sources: set[str] = set()
+    found: list[Entry] = []
     for raw in map(str, inputs):
         try:
-            found = _collect_one(raw, skip)
+            entries = _collect_one(raw, skip, columns)
         except InputError as error:
             problems.extend(error.problems)
             continue
-        if not found:
+        if not entries:
             problems.append(f"no images found in {raw}")
-        sources.update(found)
+        found.extend(entries)
     if problems:
         raise InputError(*problems)
-    if not sources:
+    if not found:
         raise InputError(f"no images found in the inputs: {', '.join(map(str, inputs)) or '-'}")
-    return _sorted_sources(sources)
+    return [e.source for e in _sorted_entries(found)]
 
 
 def read_labels(path: str | None) -> dict[str, str]:
@@ -291,20 +397,35 @@ def plan_shards(
     shard_size: int,
     labels_file: str | None = None,
     exclude: Iterable[str] = (),
+    columns=None,
 ) -> list[ShardPlan]:
-    """Shards of `shard_size` inputs in source order; `exclude` as for collect_sources."""
+    """Shards of `shard_size` inputs in source order; `exclude` and `columns` as for
+    collect_sources. A label from a table or shard wins over the labels file's."""
     labels = read_labels(labels_file)
-    sources = collect_sources(inputs, exclude)
-    items = [InputItem(sample_key(s), s, labels.get(storage.name(s))) for s in sources]
+    items = [
+        InputItem(
+            sample_key(e.source),
+            e.source,
+            e.label if e.label is not None else labels.get(storage.name(e.source)),
+            e.caption,
+            e.license,
+            e.url,
+            e.extra,
+        )
+        for e in collect_entries(inputs, exclude, columns)
+    ]
     return [
         ShardPlan(i // shard_size, tuple(items[i : i + shard_size]))
         for i in range(0, len(items), shard_size)
     ]
 
 
+ITEM_COLUMNS = ("key", "source", "label", "caption", "license", "source_url", "extra")
+
+
 def plan_table(plans: list[ShardPlan]) -> pa.Table:
-    rows = [(p.shard_id, it.key, it.source, it.label) for p in plans for it in p.items]
-    columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    rows = [(p.shard_id, *(getattr(it, c) for c in ITEM_COLUMNS)) for p in plans for it in p.items]
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in PLAN_SCHEMA]
     return pa.Table.from_arrays(
         [pa.array(c, t.type) for c, t in zip(columns, PLAN_SCHEMA, strict=True)], schema=PLAN_SCHEMA
     )
@@ -314,7 +435,7 @@ def plans_from_table(table: pa.Table) -> list[ShardPlan]:
     grouped: dict[int, list[InputItem]] = {}
     for row in table.to_pylist():
         grouped.setdefault(row["shard"], []).append(
-            InputItem(row["key"], row["source"], row["label"])
+            InputItem(**{c: row.get(c) for c in ITEM_COLUMNS})
         )
     return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]
 

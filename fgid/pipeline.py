@@ -47,7 +47,7 @@ def build_stages(
     decode_pool: ThreadPoolExecutor | None = None,
 ) -> list[Stage]:
     args = {
-        DecodeStage: (config.decode,),
+        DecodeStage: (config.decode, config.download),
         DetectStage: (models.detector, config.detect),
         AlignStage: (config.align,),
         ParseStage: (models.parser,),
@@ -60,6 +60,7 @@ def build_stages(
         return stages
     # The same decoding, the images of a batch side by side on the pool.
     threaded = ThreadedDecodeStage(config.decode, decode_pool)
+    threaded.download = config.download
     return [threaded if isinstance(s, DecodeStage) else s for s in stages]
 
 
@@ -72,7 +73,8 @@ def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list
     dataset.prepare()
     # Samples taken down by fgid.removal stay out of the plan, so a rerun neither rebuilds nor
     # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
-    plans = dataset.without_removed(plan_shards(inputs, config.shard_size, config.labels))
+    planned = plan_shards(inputs, config.shard_size, config.labels, columns=config.inputs)
+    plans = dataset.without_removed(planned)
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
@@ -172,6 +174,10 @@ def load_batch(
     """One chunk's samples, decoded and, when the detector offers `prepare_batch`, pre-processed
     for it; runs on the read-ahead thread while the model stages work on earlier batches."""
     batch = [Sample(it.key, shard, it.source, it.label) for it in chunk]
+    for sample, item in zip(batch, chunk, strict=True):
+        provenance = item.provenance()
+        if provenance:  # absent for plain files, so their json stays as it was
+            sample.source_info = {"provenance": provenance}
     decode(batch)
     if prepare is not None:
         prepare([s.image for s in batch if s.ok])

@@ -89,7 +89,7 @@ REASONS = {
     "unreadable": "the path could not be opened or read",
     "not_regular_file": "a directory, FIFO, socket or device where an image file was expected",
     "empty_file": "zero bytes",
-    "file_too_large": "more bytes than decode.max_bytes",
+    "file_too_large": "more bytes than decode.max_bytes (download.max_bytes for URLs)",
     "not_an_image": "no image decoder recognised the bytes",
     "truncated": "the image data ends early or is corrupt",
     "too_large": "more pixels than decode.max_pixels (decompression bomb guard)",
@@ -98,6 +98,25 @@ REASONS = {
     "too_many_faces": "more faces than detect.max_faces",
     "face_too_small": "the primary face box is smaller than detect.min_face_size",
     "stage_error": "a model raised on this sample; the message names the stage",
+    # Downloads (fgid.download); HTTP statuses not listed here are `http_error`.
+    "http_400": "the server answered 400 Bad Request",
+    "http_401": "the server answered 401 Unauthorized",
+    "http_403": "the server answered 403 Forbidden",
+    "http_404": "the server answered 404 Not Found",
+    "http_410": "the server answered 410 Gone",
+    "http_429": "the server answered 429 Too Many Requests, after download.retries retries",
+    "http_451": "the server answered 451 Unavailable For Legal Reasons",
+    "http_500": "the server answered 500 Internal Server Error, after download.retries retries",
+    "http_502": "the server answered 502 Bad Gateway, after download.retries retries",
+    "http_503": "the server answered 503 Service Unavailable, after download.retries retries",
+    "http_504": "the server answered 504 Gateway Timeout, after download.retries retries",
+    "http_error": "another HTTP error status; the detail names it",
+    "timeout": "no complete answer within download.timeout, after download.retries retries",
+    "connection_error": "the host could not be reached or dropped the connection, after retries",
+    "bad_url": "not an http(s) URL, a redirect to another scheme or to credentials, or too "
+    "many redirects",
+    "opted_out": "the server sent an X-Robots-Tag directive refusing this use (noai, noimageai, "
+    "noindex, noimageindex, none); download.honour_opt_out",
 }
 
 INDEX_SCHEMA = pa.schema(
@@ -117,6 +136,11 @@ INDEX_SCHEMA = pa.schema(
         ("gender", pa.string()),
         ("regions", pa.list_(pa.string())),
         ("embedding", pa.list_(pa.float32())),
+        # What the input's table, archive or shard said about it (fgid.sources); null for plain
+        # files. Last and nullable: older shard indexes read with this schema get nulls here.
+        ("source_caption", pa.string()),
+        ("source_license", pa.string()),
+        ("source_url", pa.string()),
     ]
 )
 

@@ -55,6 +55,7 @@ def encode_sample(sample: Sample, meta: dict, jpeg_quality: int) -> dict[str, by
 def index_row(sample: Sample) -> dict:
     attrs = sample.attributes
     face = sample.face
+    provenance = sample.source_info.get("provenance", {})
     return {
         "key": sample.key,
         "shard": sample.shard,
@@ -71,6 +72,9 @@ def index_row(sample: Sample) -> dict:
         "gender": attrs.gender if attrs and sample.ok else None,
         "regions": list(sample.regions) if sample.ok else None,
         "embedding": sample.embedding.tolist() if sample.ok else None,
+        "source_caption": provenance.get("caption"),
+        "source_license": provenance.get("license"),
+        "source_url": provenance.get("url"),
     }
 
 

@@ -143,9 +143,9 @@ def _build_shards(
         report.close()
     failed = bool(report.failures)
     try:
-        result = finalize_build.with_options(task_run_name=f"finalize-{name}")(
-            out, config, card=not failed
-        )
+        result = finalize_build.with_options(
+            task_run_name=f"finalize-{name}", tags=run_tags(name, config)
+        )(out, config, card=not failed)
         publish_summary(name, out, result["summary"], result["card"])
     except Exception as error:
         if not failed:

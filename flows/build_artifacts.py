@@ -32,8 +32,9 @@ from fgid.schema import shard_name
 # The UI polls; a build can finish thousands of batches. One update every few seconds is live
 # enough and costs the server nothing.
 UPDATE_SECONDS = 3.0
-# What flows/serve.py puts in a scheduled output folder's name: {date}, {datetime}.
-DATED = re.compile(r"[-_.]?\d{4}-\d{2}-\d{2}(_\d{6})?")
+# What flows/serve.py puts in a scheduled output folder's name: {date}, {datetime}, expanded
+# (2026-11-03, 2026-11-03_020000) or not yet (the deployment's template).
+DATED = re.compile(r"[-_.]?(\d{4}-\d{2}-\d{2}(_\d{6})?|\{date\}|\{datetime\})")
 
 
 def dataset_name(out: str) -> str:
@@ -241,7 +242,7 @@ class BuildReport:
     def failure(self, inputs: list[str], out: str, config: BuildConfig, deployed: bool) -> str:
         """The failure artifact: each failed shard with its error, and how to resume."""
         rows = "\n".join(
-            f"| {shard_name(s)} | `{_cell(e)}` |" for s, e in sorted(self.failures.items())
+            f"| {shard_name(s)} | {_cell(e)} |" for s, e in sorted(self.failures.items())
         )
         again = [
             "Finished shards are kept: resuming builds only the failed ones, once the cause is "
@@ -271,7 +272,11 @@ class BuildReport:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|").replace("`", "'")[:500]
+    # Plain text that wraps in a table cell (a code span would not), Markdown escaped.
+    text = " ".join(text.split())[:1000]
+    for char in "\\`*_|":
+        text = text.replace(char, "\\" + char)
+    return text.replace("<", "&lt;")
 
 
 def publish_summary(name: str, out: str, summary: dict, card: dict | None) -> None:

@@ -36,7 +36,12 @@ app = typer.Typer(
 )
 # Options shared by `build` and `serve`: what to build and with which settings.
 InputsArg = Annotated[
-    list[str], typer.Argument(help="Image folders, image files, or .txt lists of paths (or s3://).")
+    list[str],
+    typer.Argument(
+        help="Image folders or files, .txt lists of paths, URL tables (.csv .tsv .jsonl "
+        ".parquet), Parquet image datasets, .zip/.tar archives or webdataset shards "
+        "(shard-{000..009}.tar); local, s3:// or http(s)://."
+    ),
 ]
 ShardSizeOpt = Annotated[int | None, typer.Option(help="Inputs per shard; default 1000.")]
 BatchSizeOpt = Annotated[int | None, typer.Option(help="Images per model call; default 16.")]
@@ -45,6 +50,15 @@ LabelsOpt = Annotated[
     str | None,
     typer.Option(help="Identity labels, '<file name> <identity>' lines (CelebA format)."),
 ]
+UrlColumnOpt = Annotated[
+    str | None, typer.Option(help="URL tables (CSV, TSV, JSONL, Parquet): the URL column; 'url'.")
+]
+CaptionColumnOpt = Annotated[
+    str | None, typer.Option(help="Table column kept as each image's source caption.")
+]
+LabelColumnOpt = Annotated[
+    str | None, typer.Option(help="Table column holding the identity label (as --labels).")
+]
 
 
 def _build_config(config, set_, **flags):
@@ -52,7 +66,12 @@ def _build_config(config, set_, **flags):
     from fgid.config import BuildConfig
 
     overrides = parse_overrides(set_)
-    names = {"models": "models.set"}
+    names = {
+        "models": "models.set",
+        "url_column": "inputs.url_column",
+        "caption_column": "inputs.caption_column",
+        "label_column": "inputs.label_column",
+    }
     overrides.update({names.get(k, k): v for k, v in flags.items() if v is not None})
     return config_from(BuildConfig, config, overrides)
 
@@ -69,6 +88,9 @@ def build(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     labels: LabelsOpt = None,
+    url_column: UrlColumnOpt = None,
+    caption_column: CaptionColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
     prefect: Annotated[
@@ -84,8 +106,9 @@ def build(
     ] = None,
 ) -> None:
     """Build an FGID dataset: decode, detect, align, parse, embed, caption, group, write shards."""
-    cfg = _build_config(config, set_, models=models, shard_size=shard_size,
-                        batch_size=batch_size, workers=workers, labels=labels)  # fmt: skip
+    columns = dict(url_column=url_column, caption_column=caption_column, label_column=label_column)
+    cfg = _build_config(config, set_, models=models, shard_size=shard_size, batch_size=batch_size,
+                        workers=workers, labels=labels, **columns)  # fmt: skip
     kind = "dask" if dask_address else runner
     if kind not in ("threads", "dask"):
         raise typer.BadParameter(
@@ -122,7 +145,7 @@ def _run_build(
     except ValueError as error:  # the message never repeats the URL
         raise typer.BadParameter(str(error), param_hint="INPUTS / --out") from None
     # Mistakes are refused before anything is written: missing inputs, no images, bad labels.
-    total = len(check_inputs(inputs, exclude=[out]))
+    total = len(check_inputs(inputs, exclude=[out], columns=cfg.inputs))
     read_labels(cfg.labels)
     console.print(
         f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})"
@@ -271,14 +294,18 @@ def serve(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     labels: LabelsOpt = None,
+    url_column: UrlColumnOpt = None,
+    caption_column: CaptionColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
 ) -> None:
     """Serve a scheduled build on the Prefect server (PREFECT_API_URL) until Ctrl-C or SIGTERM."""
     from flows.serve import build_deployment, serve_build
 
-    cfg = _build_config(config, set_, models=models, shard_size=shard_size,
-                        batch_size=batch_size, workers=workers, labels=labels)  # fmt: skip
+    columns = dict(url_column=url_column, caption_column=caption_column, label_column=label_column)
+    cfg = _build_config(config, set_, models=models, shard_size=shard_size, batch_size=batch_size,
+                        workers=workers, labels=labels, **columns)  # fmt: skip
     schedule = dict(name=name, cron=cron, interval=interval, timezone=timezone)
     try:  # schedule, time zone and URLs are checked before any server is started
         build_deployment(inputs, out, cfg, **schedule)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 from prefect.exceptions import MissingContextError
 from prefect.logging.handlers import APILogHandler
 
 LOGGER = "fgid"
+_attach = threading.Lock()  # shard tasks start on several threads at once
 
 
 class RunLogHandler(APILogHandler):
@@ -30,5 +32,6 @@ def send_fgid_logs() -> None:
     logger's level is left alone: warnings and errors reach the run (what Prefect sends for any
     library), and fgid's info lines repeat what the tasks log themselves."""
     logger = logging.getLogger(LOGGER)
-    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
-        logger.addHandler(RunLogHandler())
+    with _attach:
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            logger.addHandler(RunLogHandler())

@@ -69,15 +69,18 @@ def scheduled_build(
 def _link_build_run(state, out: str) -> None:
     # The build's artifacts hang off its own (child) run; point at it from this one, which is
     # what the deployment's run list shows.
+    from prefect import get_client
     from prefect.artifacts import create_link_artifact
     from prefect.utilities.urls import url_for
 
     run_id = state.state_details.flow_run_id
     url = url_for("flow-run", obj_id=run_id) if run_id else None
     if url:
+        with get_client(sync_client=True) as client:
+            run_name = client.read_flow_run(run_id).name
         create_link_artifact(
             url,
-            link_text=f"build run ({state.name})",
+            link_text=f"{run_name} ({state.name})",
             key=artifact_key("build-run", dataset_name(out)),
             description="The fgid-build run of this scheduled build: progress, shards, summary",
         )

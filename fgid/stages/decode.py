@@ -1,9 +1,15 @@
-"""Decode and validate: file bytes -> RGB uint8 array, or a rejection with a specific reason."""
+"""Decode and validate: file bytes -> RGB uint8 array, or a rejection with a specific reason.
+
+A source is a local file, an object, a member of an archive or Parquet dataset (fgid.sources)
+or an http(s) URL, whose batch is downloaded in parallel first (fgid.download). Its bytes are
+hashed the same way whichever it is.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import time
 import warnings
 
 import numpy as np
@@ -11,9 +17,11 @@ from PIL import Image, UnidentifiedImageError
 
 import storage
 from fgid.budget import BUDGET
-from fgid.config import DecodeConfig
+from fgid.config import DecodeConfig, DownloadConfig
+from fgid.download import fetch, fetch_all
 from fgid.inputs import UNDECODABLE
 from fgid.sample import Sample
+from fgid.sources import BAD_URL, Unusable, is_web, read_member, split_member
 from fgid.stages.base import Stage
 from storage.local import NotRegularFile, read_regular
 
@@ -50,10 +58,22 @@ class Rejected(Exception):
 OBJECT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
-def read_source(path: str, max_bytes: int) -> bytes:
-    """A source's bytes; never more than `max_bytes + 1` are read, only regular files opened."""
+def read_source(path: str, max_bytes: int, download: DownloadConfig | None = None) -> bytes:
+    """A source's bytes; never more than `max_bytes + 1` are read, only regular files opened.
+
+    http(s) sources are downloaded with `download`'s settings (its max_bytes, else ours)."""
     if path.startswith(UNDECODABLE):
         raise Rejected("unreadable", "file name is not valid UTF-8")
+    if path.startswith(BAD_URL):
+        raise Rejected("bad_url", "not an http(s) URL")
+    try:
+        if is_web(path):
+            settings = download or DownloadConfig()
+            return fetch(path, settings, settings.max_bytes or max_bytes)
+        if split_member(path) is not None:
+            return read_member(path, max_bytes)
+    except Unusable as failure:
+        raise Rejected(failure.code, failure.detail) from None
     if storage.is_remote(path):
         return _read_object(path, max_bytes)
     try:
@@ -218,18 +238,47 @@ def to_rgb(im: Image.Image, info: dict) -> np.ndarray:
 
 
 class DecodeStage(Stage):
+    """Decoding; a sample's `source_info` already holds its table's or shard's facts
+    (`provenance`), and decoding adds the image's own."""
+
     name = "decode"
 
-    def __init__(self, config: DecodeConfig) -> None:
+    def __init__(self, config: DecodeConfig, download: DownloadConfig | None = None) -> None:
         super().__init__()
         self.config = config
+        self.download = download or DownloadConfig()
+        self._fetched: dict[str, bytes | Unusable] = {}
+
+    def __call__(self, batch: list[Sample]) -> list[Sample]:
+        # The batch's URLs are fetched side by side first (download.concurrency at a time);
+        # decoding, threaded or not, then finds their bytes here.
+        urls = [s.source for s in batch if s.ok and is_web(s.source)]
+        if not urls:
+            return super().__call__(batch)
+        started = time.perf_counter()
+        max_bytes = self.download.max_bytes or self.config.max_bytes
+        self._fetched = fetch_all(urls, self.download, max_bytes)
+        self.timing.seconds += time.perf_counter() - started
+        try:
+            return super().__call__(batch)
+        finally:
+            self._fetched = {}
+
+    def _read(self, source: str) -> bytes:
+        fetched = self._fetched.get(source)
+        if isinstance(fetched, Unusable):
+            raise Rejected(fetched.code, fetched.detail)
+        if fetched is not None:
+            return fetched
+        return read_source(source, self.config.max_bytes, self.download)
 
     def process(self, samples: list[Sample]) -> None:
         for sample in samples:
             try:
-                data = read_source(sample.source, self.config.max_bytes)
+                data = self._read(sample.source)
                 sample.sha256 = hashlib.sha256(data).hexdigest()
-                sample.image, sample.source_info = decode_image(data, self.config)
+                sample.image, info = decode_image(data, self.config)
+                sample.source_info = {**sample.source_info, **info}
                 sample.height, sample.width = sample.image.shape[:2]
             except Rejected as rej:
                 sample.reject(rej.code, rej.detail)

@@ -57,6 +57,7 @@ def test_dataset_name_drops_the_scheduled_date():
     assert dataset_name("s3://b/faces_2026-11-03_020000") == "faces"
     assert dataset_name("data/nightly/2026-11-03") == "nightly"
     assert dataset_name("out/celeb-demo") == "celeb-demo"
+    assert dataset_name("data/fgid-{date}") == dataset_name("data/fgid-{datetime}") == "fgid"
 
 
 def test_resume_command_repeats_the_settings(lite_config):
@@ -142,7 +143,7 @@ def test_a_shard_that_cannot_be_written_fails_the_run_with_its_cause(
     assert all(a.key for a in shown)
     assert all(a.task_run_id is None for a in shown)  # on the flow run itself
     failure = keyed["fgid-failure-broken"].data
-    assert "| 00001 | `IsADirectoryError: [Errno 21] Is a directory" in failure
+    assert "| 00001 | IsADirectoryError: [Errno 21] Is a directory: " in failure
     assert f"fgid build {demo_inputs} --out {out} --shard-size 4" in failure
     summary = keyed["fgid-summary-broken"].data
     assert "2 of 3 shards, 6 of 10 planned inputs" in summary

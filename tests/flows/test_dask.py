@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def dask_scheduler(prefect_server, tmp_path):
 
 def install_probes(dask_worker) -> None:
     """Count model-set loads and record which model set built each shard, in this worker."""
+    import logging
+
     import fgid.models
     import fgid.pipeline
 
@@ -76,6 +79,8 @@ def install_probes(dask_worker) -> None:
 
     def recording_process(plan, out_dir, config, models):
         shards.append((plan.shard_id, id(models)))
+        # A record of fgid's own, as a stage logs when it retries a batch sample by sample.
+        logging.getLogger("fgid.stages.base").warning("probe: shard %05d", plan.shard_id)
         return real_process(plan, out_dir, config, models)
 
     # Patched where they are defined: the task function reaches a worker by value (cloudpickle),
@@ -108,6 +113,28 @@ def reference(demo_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
     build([str(demo_inputs)], out, config)
     return config, output_files(out)
+
+
+async def run_logs(api_url: str, run_name: str, wanted: int) -> tuple[dict, set]:
+    """Task run ids by name, and (task run id, message) of the named flow run's logs, once
+    `wanted` probe records are in: each worker process sends its logs in its own batches."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, TaskRunFilter
+
+    async with PrefectClient(api=api_url) as client:
+        (run,) = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name={"any_": [run_name]})
+        )
+        ids = {"any_": [run.id]}
+        deadline = time.monotonic() + 60
+        while True:
+            tasks = await client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=ids))
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=ids))
+            found = {(log.task_run_id, log.message) for log in logs}
+            probes = [m for _, m in found if m.startswith("probe: ")]
+            if len(probes) >= wanted or time.monotonic() > deadline:
+                return {t.name: t.id for t in tasks}, found
+            await asyncio.sleep(0.5)
 
 
 def run_flow(runner, api_url: str, inputs: Path, out: Path, config) -> dict:
@@ -159,6 +186,11 @@ def test_build_on_an_existing_cluster_equals_local_build(
         # One load per worker process, the same model set for every shard it built.
         assert probe["loads"] == ["lite"] and probe["idle"] == 1
         assert len({models for _, models in probe["shards"]}) == 1
+    # fgid's own records from the worker processes are in each shard's task-run logs.
+    tasks, logs = asyncio.run(run_logs(prefect_server.api_url, "build-dask-out-lite", 5))
+    for shard in range(5):
+        task_run = tasks[f"dask-out shard {shard:05d}"]
+        assert (task_run, f"probe: shard {shard:05d}") in logs
 
 
 @pytest.mark.slow

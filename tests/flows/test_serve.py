@@ -68,6 +68,8 @@ def test_deployment_carries_schedule_and_parameters(lite_config):
     assert d.parameters["config"]["models"]["set"] == "lite"
     assert d.concurrency_limit == 1
     assert d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    # Runs take these when the scheduler creates them: the dataset's name without the date.
+    assert set(d.tags) == {"fgid", "build", "scheduled", "dataset:fgid", "models:lite"}
 
 
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
@@ -196,6 +198,22 @@ async def run_details(api_url: str, run_id):
         return [s.name for s in history], children
 
 
+async def run_artifacts(api_url: str, run_id):
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter
+
+    async with PrefectClient(api=api_url) as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id={"any_": [run_id]})
+        )
+        return [a for a in found if a.type]  # untyped ones are Prefect's result records
+
+
+def named_while_scheduled(runs):
+    waiting = [r for r in runs if r.state and r.state.is_scheduled()]
+    return waiting and all(r.name.startswith("scheduled-fgid-") for r in waiting)
+
+
 def completed(runs):
     return [r for r in runs if r.state and r.state.is_completed()]
 
@@ -229,8 +247,11 @@ def test_served_deployment_runs_on_its_schedule(demo_inputs, tmp_path):
     api = server.api_url
     try:
         dep, runs = asyncio.run(poll_runs(api, completed, timeout=150))
+        # Upcoming runs carry their folder's name and the tags before they start.
+        _, upcoming = asyncio.run(poll_runs(api, named_while_scheduled, timeout=30))
         (run,) = completed(runs)
         history, children = asyncio.run(run_details(api, run.id))
+        parent_artifacts = asyncio.run(run_artifacts(api, run.id))
         # The next due run starts once the first is done; stop the serve process mid-build.
         _, runs = asyncio.run(poll_runs(api, running, timeout=60))
         (interrupted,) = running(runs)
@@ -256,6 +277,14 @@ def test_served_deployment_runs_on_its_schedule(demo_inputs, tmp_path):
     assert len(children) == 1 and children[0].state.is_completed()
     assert children[0].parameters["out"] == str(out)
     assert run.name == f"scheduled-{out.name}" and children[0].name == f"build-{out.name}-lite"
+    assert {"scheduled", "dataset:fgid", "models:lite"} <= set(run.tags)
+    assert [a.key for a in parent_artifacts] == ["fgid-build-run-fgid"]
+    assert f"[build-{out.name}-lite (Completed)](" in parent_artifacts[0].data
+    waiting = [r for r in upcoming if r.state.is_scheduled()]
+    assert all({"scheduled", "dataset:fgid"} <= set(r.tags) for r in waiting)
+    for upcoming_run in waiting:
+        when = upcoming_run.expected_start_time.astimezone(dt.UTC)
+        assert upcoming_run.name == f"scheduled-{Path(expand_out(args['out'], when)).name}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["samples"] == 8
     assert len(list((out / "shards").glob("*.tar"))) == 3

@@ -197,7 +197,7 @@ def test_ui_names_the_cause_of_a_failed_build(ui_build, browser, prefix):
         failure = artifact(server.api_url, f"fgid-failure-{BROKEN}")
         page.get_by_role("link", name=failure["id"][:8]).click()
     page.get_by_role("heading", name=re.compile(f"Build {BROKEN} failed: 1 shard")).wait_for()
-    page.get_by_role("cell", name="00001").wait_for()
+    page.get_by_role("cell", name="00001", exact=True).wait_for()
     page.get_by_text("IsADirectoryError: [Errno 21] Is a directory").first.wait_for()
     page.get_by_text(re.compile(f"fgid build .* --out .*{BROKEN}")).first.wait_for()
     page.screenshot(path=root / f"{name}-failure.png", full_page=True)

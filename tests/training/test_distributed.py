@@ -19,6 +19,7 @@ def test_consistentid_trains_in_two_processes(built_dataset, tiny_sd15, tmp_path
     config = {
         "dataset_url": str(built_dataset),
         "base_model": str(tiny_sd15),
+        "id_dim": 128,  # the lite build's dlib embeddings, on purpose
         "loader": {"batch_size": 2, "resolution": 32, "workers": 0, "shuffle_buffer": 4},
         "train": {
             "output_dir": str(out),

@@ -1,0 +1,91 @@
+"""The released FaceCLIP encoder checkpoint (`face_clip_encoder.pt`) to our encoder's state and back.
+
+The release is the state dict of its `FaceCLIP_L_G_Wrapper`: `face_clip_l.*` and `face_clip_g.*`
+(one `TextImageBranch` each; 1,686 tensors at the released sizes), sometimes saved with a
+`model.` prefix that its loader strips. Our towers keep the released attribute names under
+`towers.{i}.`, so conversion is a prefix map, checked key by key and shape by shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training.faceclip.config import RELEASE_PREFIXES
+
+OURS = "towers"
+
+
+def _strip(key: str) -> str:
+    # The reference loader drops every "model." from a key; none of its own names contain it.
+    return key.replace("model.", "")
+
+
+def from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The released state dict (either spelling) -> our encoder's state-dict keys."""
+    out = {}
+    for key, value in state.items():
+        tower, _, rest = _strip(key).partition(".")
+        if tower not in RELEASE_PREFIXES or not rest:
+            raise ValueError(f"{key!r} is not a key of the released FaceCLIP encoder")
+        out[f"{OURS}.{RELEASE_PREFIXES.index(tower)}.{rest}"] = value
+    return out
+
+
+def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our encoder's state dict -> what the reference `FaceCLIP_L_G_Wrapper` loads strictly."""
+    out = {}
+    for key, value in state.items():
+        head, index, rest = (key.split(".", 2) + ["", ""])[:3]
+        if head != OURS or not index.isdigit() or int(index) >= len(RELEASE_PREFIXES) or not rest:
+            raise ValueError(f"{key!r} is not a key of a two-tower FaceCLIP encoder")
+        out[f"{RELEASE_PREFIXES[int(index)]}.{rest}"] = value
+    return out
+
+
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Raise with the first differences unless `state` has exactly the expected keys and shapes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(shapes)} of another shape (e.g. {shapes[:3]})"
+        )
+
+
+def read_release(path: str | Path) -> dict[str, torch.Tensor]:
+    """A released encoder file: a torch state dict (`weights_only`) or safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own and OS errors
+            raise ValueError(f"{path}: not a safetensors file ({error})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a foreign or unsafe file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a torch checkpoint that loads safely ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_reference(encoder: torch.nn.Module, state: dict | str | Path) -> None:
+    """Load a released checkpoint (a state dict or its file) into `encoder`, strictly."""
+    if not isinstance(state, dict):
+        state = read_release(state)
+    ours = from_reference(state)
+    check_state(encoder.state_dict(), ours)
+    encoder.load_state_dict(ours, strict=True)
