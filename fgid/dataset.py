@@ -10,6 +10,7 @@ are in; none spells a file name of the layout itself:
     shards/NNNNN.caption-journal.jsonl   captions of an unfinished shard (fgid.stages.caption)
     identities.parquet, summary.json     written by fgid.finalize
     removals/<id>.json             takedown records (fgid.removal)
+    builds/NNNN.json               one record per build or append of new inputs (fgid.history)
     captions/<id>.json, <id>.NNNNN.jsonl caption runs and their journals (fgid.captioning.run)
     .fgid-lock.json                the process writing the folder (storage.lock)
 
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 import storage
 from fgid.errors import FailureError, UsageError
-from fgid.inputs import PLAN_FILE, ShardPlan, plans_from_table, write_plan
+from fgid.inputs import PLAN_FILE, ShardPlan, append_plan, plans_from_table, write_plan
 from fgid.schema import IDENTITY_SCHEMA, INDEX_SCHEMA, STATUS_OK, shard_name
 from fgid.shardtar import OnSkip, UnsafeSample, is_key, open_samples
 from storage.lock import OutputHeld, OutputLock, describe, holder
@@ -39,6 +40,7 @@ STATUS_FILE = "build-status.json"  # fgid.status: the running build's progress
 IDENTITIES_FILE = "identities.parquet"
 SHARDS_DIR = "shards"
 REMOVALS_DIR = "removals"
+HISTORY_DIR = "builds"
 CAPTIONS_DIR = "captions"
 STATS_SUFFIX = ".stats.json"
 JOURNAL_SUFFIX = ".caption-journal.jsonl"
@@ -168,6 +170,19 @@ class Dataset:
     def write_plan(self, plans: list[ShardPlan]) -> None:
         write_plan(self.root, plans)
 
+    def append_plan(self, plans: list[ShardPlan]) -> None:
+        """Add `plans` (new shards) after the recorded plan, whose rows are copied unchanged."""
+        append_plan(self.root, plans)
+
+    # Build history.
+
+    def history_url(self, number: int) -> str:
+        return self.path(HISTORY_DIR, f"{number:04d}.json")
+
+    def history(self) -> list[dict]:
+        """Every build record (fgid.history), oldest first."""
+        return [_json(u) for u in storage.list_files(self.path(HISTORY_DIR), "[0-9]*.json")]
+
     # Shards.
 
     def done_shards(self) -> list[int]:
@@ -200,7 +215,8 @@ class Dataset:
 
     def read_index(self, shard_id: int, columns: list[str] | None = None) -> pa.Table:
         with storage.open_input(self.shard(shard_id).index) as handle:
-            return pq.read_table(handle, columns=columns, schema=None if columns else INDEX_SCHEMA)
+            # The schema also reads indexes written before a column existed: it comes as nulls.
+            return pq.read_table(handle, columns=columns, schema=INDEX_SCHEMA)
 
     def write_index(self, shard_id: int, table: pa.Table) -> None:
         with storage.atomic_open(self.shard(shard_id).index) as handle:
@@ -256,9 +272,11 @@ class Dataset:
                     raise UnsafeSample("bad_key", f"{IDENTITIES_FILE} {field} {bad[0][:80]!r}")
         return table
 
-    def write_identities(self, rows: list[dict]) -> None:
+    def write_identities(self, identities: pa.Table | list[dict]) -> None:
+        if not isinstance(identities, pa.Table):
+            identities = pa.Table.from_pylist(identities, schema=IDENTITY_SCHEMA)
         with storage.atomic_open(self.path(IDENTITIES_FILE)) as handle:
-            pq.write_table(pa.Table.from_pylist(rows, schema=IDENTITY_SCHEMA), handle)
+            pq.write_table(identities.cast(IDENTITY_SCHEMA), handle)
 
     def summary(self) -> dict:
         url = self.path(SUMMARY_FILE)

@@ -138,7 +138,8 @@ def _body(response, settings: DownloadConfig, max_bytes: int, deadline: float) -
     while True:
         if time.monotonic() > deadline:
             raise _Retry(Unusable("timeout", f"body not complete after {settings.timeout}s"))
-        chunk = response.read(min(CHUNK, max_bytes + 1 - total))
+        # read1: whatever one receive gives, so a trickling body meets the deadline check.
+        chunk = response.read1(min(CHUNK, max_bytes + 1 - total))
         if not chunk:
             break
         parts.append(chunk)

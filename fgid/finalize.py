@@ -1,7 +1,8 @@
 """Merge finished shards: identities, duplicate flags and the dataset summary.
 
 Runs over every shard index each time (cheap: Parquet only, no images), so it is idempotent and
-its output depends only on the set of finished shards.
+its output depends only on the set of finished shards, and, after an append (fgid.history), on the
+identities the samples of the earlier builds already had, which it keeps.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fgid import grouping
+import storage
+from fgid import grouping, history
 from fgid.config import BuildConfig
-from fgid.dataset import Dataset
+from fgid.dataset import IDENTITIES_FILE, Dataset
 from fgid.schema import INDEX_SCHEMA, REGIONS, STATUS_OK, reason_code
 
 AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
@@ -29,6 +31,8 @@ def read_embeddings(dataset: Dataset, kept: pa.Table) -> np.ndarray:
     """The embeddings of `kept` (the index's ok rows, in order) as one float32 (rows, dim) array,
     read one shard at a time: the column never exists whole as Arrow lists or Python floats."""
     shards = kept["shard"].to_numpy()
+    if not len(shards):  # nothing kept: no rows, and no width to read
+        return np.zeros((0, 0), np.float32)
     starts = np.r_[0, np.flatnonzero(np.diff(shards)) + 1, len(shards)]
     embeddings = np.zeros((len(shards), 0), np.float32)
     for lo, hi in zip(starts[:-1], starts[1:], strict=True):
@@ -49,15 +53,35 @@ def read_embeddings(dataset: Dataset, kept: pa.Table) -> np.ndarray:
     return embeddings
 
 
-def assign_identities(kept: pa.Table, embeddings: np.ndarray, config: BuildConfig) -> pa.Table:
-    """One IDENTITY_SCHEMA row per kept sample, in index order."""
+def assign_identities(
+    kept: pa.Table,
+    embeddings: np.ndarray,
+    config: BuildConfig,
+    previous: tuple[pa.Array, pa.Array] | None = None,
+) -> pa.Table:
+    """One IDENTITY_SCHEMA row per kept sample, in index order; `previous` as grouping.assign."""
     metric, threshold, near = grouping.resolve(
         embeddings.shape[1],
         config.group.metric,
         config.group.threshold,
         config.group.near_duplicate,
     )
-    return grouping.assign(kept, embeddings, metric, threshold, near)
+    return grouping.assign(kept, embeddings, metric, threshold, near, previous)
+
+
+def previous_identities(dataset: Dataset, kept: pa.Table) -> tuple[pa.Array, pa.Array] | None:
+    """identity and identity_source per kept row from identities.parquet, for the rows of shards
+    before the latest append (fgid.history); null elsewhere. None before any append.
+
+    What is kept is decided by shard, not by what identities.parquet holds, so finalize gives
+    the same result however often it ran before (a killed append reruns byte-identically)."""
+    boundary = history.boundary(dataset)
+    if not boundary or not storage.exists(dataset.path(IDENTITIES_FILE)):
+        return None
+    recorded = dataset.identities(["key", "identity", "identity_source"])
+    where = pc.index_in(kept["key"], value_set=recorded["key"].combine_chunks())
+    where = pc.if_else(pc.less(kept["shard"], boundary), where, pa.scalar(None, pa.int32()))
+    return recorded["identity"].take(where), recorded["identity_source"].take(where)
 
 
 def age_histogram(ages: list[float]) -> dict[str, int]:
@@ -155,10 +179,10 @@ def finalize(out_dir: str, config: BuildConfig) -> dict:
     index = dataset.index([name for name in INDEX_SCHEMA.names if name != "embedding"])
     kept = index.filter(pc.equal(index["status"], STATUS_OK))
     embeddings = read_embeddings(dataset, kept)
-    identities = assign_identities(kept, embeddings, config)
+    identities = assign_identities(kept, embeddings, config, previous_identities(dataset, kept))
     dim = embeddings.shape[1] if kept.num_rows else None
     del embeddings  # the largest thing finalize holds; the summary does not need it
-    dataset.write_identities(identities.to_pylist())
+    dataset.write_identities(identities)
     summary = summarize(index, identities, dataset.root, config, dim)
     dataset.write_summary(summary)
     return summary

@@ -88,6 +88,16 @@ class _Centroids:
         centroid = self.sums.get(ids) / self.counts[ids]
         return centroid / max(np.sqrt(centroid @ centroid), 1e-12) if self.cosine else centroid
 
+    def seed(self, sums: np.ndarray, counts: np.ndarray) -> None:
+        """Start with identities made before: their running sums and member counts."""
+        for row in sums:
+            self.sums.append(row)
+        self.counts = np.zeros(max(1024, 2 * len(counts)), np.int64)
+        self.counts[: len(counts)] = counts
+        ids = np.arange(len(counts))
+        for lo in range(0, len(ids), 65536):
+            self.table.set(ids[lo : lo + 65536], self.point(ids[lo : lo + 65536]))
+
     def join(self, identity: int, vector: np.ndarray) -> None:
         self.sums.add(identity, vector)
         self.counts[identity] += 1
@@ -115,22 +125,37 @@ def _lowest(dist: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
 
 
 def cluster(
-    embeddings: np.ndarray, metric: str, threshold: float, *, exact: bool | None = None
+    embeddings: np.ndarray,
+    metric: str,
+    threshold: float,
+    *,
+    exact: bool | None = None,
+    seed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Leader clustering in row order -> identity per row (0, 1, ... in order of first use).
 
+    `seed` (sums (k, D), counts (k,)) starts from k identities already made, as the clustering
+    of earlier rows left them: ids 0..k-1 are those, new ones follow from k.
     `exact=None` picks the exact search up to EXACT_UP_TO rows, the projected one above."""
     x = np.asarray(embeddings, np.float32)
     n, dim = x.shape
     labels = np.empty(n, np.int64)
     cosine = metric == "cosine"
+    seeded = 0 if seed is None else int(seed[1].sum())
     if exact is None:
-        exact = n <= EXACT_UP_TO or dim <= PROJECTED_DIM
+        exact = n + seeded <= EXACT_UP_TO or dim <= PROJECTED_DIM
     basis = None
     if not exact and n:
         sample = x[np.linspace(0, n - 1, min(n, PROJECTION_SAMPLE)).astype(np.int64)]
+        if seeded:  # the projection must serve the centroids searched as well
+            pick = np.linspace(0, len(seed[1]) - 1, min(len(seed[1]), PROJECTION_SAMPLE))
+            pick = pick.astype(np.int64)
+            centroids = seed[0][pick] / seed[1][pick][:, None]
+            sample = np.concatenate([sample, centroids.astype(np.float32)])
         basis = ann.projection(unit(sample) if cosine else sample, PROJECTED_DIM)
     state = _Centroids(dim, cosine, basis)
+    if seeded:
+        state.seed(*seed)
     for start in range(0, n, BLOCK):
         raw = x[start : start + BLOCK].astype(np.float64)
         labels[start : start + len(raw)] = _cluster_block(raw, state, threshold, exact)
@@ -245,8 +270,20 @@ def _near_in_group(embeddings, members, metric, threshold, result) -> None:
     result[members[has]] = members[first[has]]
 
 
-def assign(kept: pa.Table, embeddings: np.ndarray, metric: str, threshold: float, near: float):
-    """IDENTITY_SCHEMA table, one row per kept sample (`key`, `shard`, `sha256`, `label`)."""
+def assign(
+    kept: pa.Table,
+    embeddings: np.ndarray,
+    metric: str,
+    threshold: float,
+    near: float,
+    previous: tuple[pa.Array, pa.Array] | None = None,
+) -> pa.Table:
+    """IDENTITY_SCHEMA table, one row per kept sample (`key`, `shard`, `sha256`, `label`).
+
+    `previous` (identity and identity_source per kept row, null where there is none) keeps the
+    identities of an earlier build: those rows keep theirs, and the others are clustered after
+    them, starting from the earlier clusters' centroids in order of first appearance. An old
+    sample never changes identity; a new one joins an old identity or starts a new one."""
     n = kept.num_rows
     if not n:
         return IDENTITY_SCHEMA.empty_table()
@@ -260,18 +297,31 @@ def assign(kept: pa.Table, embeddings: np.ndarray, metric: str, threshold: float
 
     label = kept["label"].combine_chunks()
     labelled = pc.fill_null(pc.greater(pc.utf8_length(label), 0), False).to_numpy(False)
-    first_member = rows.copy()
-    unlabelled = np.flatnonzero(~labelled)
-    if len(unlabelled):
-        clusters = cluster(embeddings[unlabelled], metric, threshold)
+    if previous is None:
+        previous = (pa.nulls(n, pa.string()), pa.nulls(n, pa.string()))
+    old_names, old_sources = (pc.cast(a, pa.string()).combine_chunks() for a in previous)
+    old = pc.is_valid(old_names).to_numpy(False)
+    todo = np.flatnonzero(~labelled & ~old)
+    # Every row's name is taken from [label names | old names | cluster names] by position.
+    choice = np.where(old, n + rows, rows)
+    cluster_names = pa.array([], pa.string())
+    if len(todo):
+        seed, seed_names = _seed(old_names, old_sources, embeddings)
+        clusters = cluster(embeddings[todo], metric, threshold, seed=seed)
         # Named after the first member's key, not a running number: the name stays the same
         # when other identities are removed (takedowns) or added, and it never collides.
-        _, first = np.unique(clusters, return_index=True)
-        first_member[unlabelled] = unlabelled[first[clusters]]
-    names = pc.if_else(
-        pa.array(labelled),
-        pc.binary_join_element_wise("label-", label, ""),
-        pc.binary_join_element_wise("cluster-", keys.take(pa.array(first_member)), ""),
+        # New ids follow the seeds without gaps, in order of first use.
+        _, first = np.unique(clusters[clusters >= len(seed_names)], return_index=True)
+        fresh = keys.take(pa.array(todo[clusters >= len(seed_names)][first]))
+        cluster_names = pa.concat_arrays(
+            [seed_names, pc.binary_join_element_wise("cluster-", fresh, "")]
+        )
+        choice[todo] = 2 * n + clusters
+    label_names = pc.binary_join_element_wise("label-", label, "")
+    table = pa.concat_arrays([label_names.cast(pa.string()), old_names, cluster_names])
+    names = table.take(pa.array(choice))
+    sources = pc.if_else(
+        pa.array(old), old_sources, pc.if_else(pa.array(labelled), "label", "cluster")
     )
     codes = pc.dictionary_encode(names).indices.to_numpy(False)
     near_of = near_duplicates(embeddings, codes, metric, near)
@@ -281,13 +331,33 @@ def assign(kept: pa.Table, embeddings: np.ndarray, metric: str, threshold: float
             "key": keys,
             "shard": kept["shard"],
             "identity": names,
-            "identity_source": pc.if_else(pa.array(labelled), "label", "cluster"),
+            "identity_source": sources,
             "identity_size": pa.array(np.bincount(codes)[codes], pa.int32()),
             "duplicate_of": _keys_where(keys, exact_of, is_exact),
             "near_duplicate_of": _keys_where(keys, np.maximum(near_of, 0), is_near),
         },
         schema=IDENTITY_SCHEMA,
     )
+
+
+def _seed(names: pa.Array, sources: pa.Array, embeddings: np.ndarray):
+    """((sums, counts), names) of the clusters among the old rows, in order of first appearance;
+    (None, []) without any. Summed a block of rows at a time, in float64 as cluster() sums."""
+    is_cluster = pc.fill_null(pc.equal(sources, "cluster"), False)
+    rows = np.flatnonzero(is_cluster.to_numpy(False))
+    if not len(rows):
+        return None, pa.array([], pa.string())
+    encoded = pc.dictionary_encode(names.take(pa.array(rows)))
+    codes = encoded.indices.to_numpy(False).astype(np.int64)
+    k = len(encoded.dictionary)
+    sums = np.zeros((k, embeddings.shape[1]), np.float64)
+    for lo in range(0, len(rows), 65536):
+        part = codes[lo : lo + 65536]
+        order = np.argsort(part, kind="stable")
+        found, starts = np.unique(part[order], return_index=True)
+        block = embeddings[rows[lo : lo + 65536][order]].astype(np.float64)
+        sums[found] += np.add.reduceat(block, starts, axis=0)
+    return (sums, np.bincount(codes, minlength=k)), encoded.dictionary.cast(pa.string())
 
 
 def _keys_where(keys: pa.Array, rows: np.ndarray, mask: np.ndarray) -> pa.Array:

@@ -445,6 +445,26 @@ def write_plan(out_dir: str, plans: list[ShardPlan]) -> None:
         pq.write_table(plan_table(plans), handle)
 
 
+def append_plan(out_dir: str, plans: list[ShardPlan]) -> None:
+    """Rewrite the plan with `plans` after its rows: the recorded rows are copied a row group at
+    a time, never all in memory, and a plan written before a column existed gains it as nulls."""
+    url = storage.join(out_dir, PLAN_FILE)
+    with storage.open_input(url) as source, storage.atomic_open(url) as handle:
+        recorded = pq.ParquetFile(source)
+        with pq.ParquetWriter(handle, PLAN_SCHEMA) as writer:
+            for group in range(recorded.num_row_groups):
+                writer.write_table(_with_plan_schema(recorded.read_row_group(group)))
+            writer.write_table(plan_table(plans))
+
+
+def _with_plan_schema(table: pa.Table) -> pa.Table:
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in PLAN_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=PLAN_SCHEMA)
+
+
 def read_plan(out_dir: str) -> list[ShardPlan]:
     with storage.open_input(storage.join(str(out_dir), PLAN_FILE)) as handle:
         return plans_from_table(pq.read_table(handle))

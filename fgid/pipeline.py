@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib.metadata import version
 
-from fgid import progress
+from fgid import history, progress
 from fgid.config import BuildConfig
-from fgid.dataset import Dataset
+from fgid.dataset import Dataset, NotADataset
 from fgid.errors import UsageError
 from fgid.inputs import InputItem, ShardPlan, plan_shards
 from fgid.prefetch import ReadAhead, ThreadedDecodeStage
@@ -59,13 +59,18 @@ def build_stages(
     if decode_pool is None:
         return stages
     # The same decoding, the images of a batch side by side on the pool.
-    threaded = ThreadedDecodeStage(config.decode, decode_pool)
-    threaded.download = config.download
+    threaded = ThreadedDecodeStage(config.decode, decode_pool, config.download)
     return [threaded if isinstance(s, DecodeStage) else s for s in stages]
 
 
-def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list[ShardPlan]:
-    """Plan the shards and record the plan, or check a rerun against the recorded one."""
+def prepare_output(
+    inputs: list[str], out_dir: str, config: BuildConfig, append: bool = False
+) -> list[ShardPlan]:
+    """Plan the shards and record the plan, or check a rerun against the recorded one.
+
+    With `append`, inputs the recorded plan lacks become new shards numbered after the existing
+    ones (the recorded rows stay as they are), recorded in the build history; inputs that
+    disappeared are reported and kept."""
     dataset = Dataset(out_dir)
     # A caller that holds the dataset's lock passes; a build while another process holds it
     # would delete that process's files or mix two plans: refused (DatasetInUse).
@@ -74,7 +79,6 @@ def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list
     # Samples taken down by fgid.removal stay out of the plan, so a rerun neither rebuilds nor
     # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
     planned = plan_shards(inputs, config.shard_size, config.labels, columns=config.inputs)
-    plans = dataset.without_removed(planned)
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
@@ -82,6 +86,8 @@ def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list
     }
     previous = dataset.build_info()
     if previous is None:
+        plans = dataset.without_removed(planned)
+        history.start(dataset, history.BUILD, plans, inputs)
         dataset.write_plan(plans)
         dataset.write_build_info(build_info)
         return plans
@@ -92,11 +98,70 @@ def prepare_output(inputs: list[str], out_dir: str, config: BuildConfig) -> list
             "or the settings of the first run"
         )
     recorded = dataset.read_plan()
-    if recorded != plans:
-        raise OutputMismatch(
-            f"{dataset.root} was planned from other inputs ({plan_changes(recorded, plans)}); "
-            "use a new --out, or the inputs of the first run"
+    if not append:
+        # An appended dataset's shards are not one sharding of its inputs: the same inputs
+        # with the same fields is the same plan.
+        if _items(recorded) != _items(planned):
+            added = "; or --append to add the new inputs to it" if _added(recorded, planned) else ""
+            raise OutputMismatch(
+                f"{dataset.root} was planned from other inputs ({plan_changes(recorded, planned)}"
+                f"); use a new --out, or the inputs of the first run{added}"
+            )
+        return recorded
+    return recorded + _append(dataset, recorded, planned, inputs, config.shard_size)
+
+
+def _items(plans: list[ShardPlan]) -> dict[str, InputItem]:
+    return {item.key: item for plan in plans for item in plan.items}
+
+
+def _added(recorded: list[ShardPlan], plans: list[ShardPlan]) -> bool:
+    return bool(_items(plans).keys() - _items(recorded).keys())
+
+
+def _append(
+    dataset: Dataset,
+    recorded: list[ShardPlan],
+    planned: list[ShardPlan],
+    inputs: list[str],
+    shard_size: int,
+) -> list[ShardPlan]:
+    """Shards for the inputs `recorded` lacks, numbered after every shard it ever had."""
+    known = _items(recorded).keys() | dataset.removed_keys()
+    found = [item for plan in planned for item in plan.items]
+    new = [item for item in found if item.key not in known]
+    missing = len(_items(recorded).keys() - {item.key for item in found})
+    if missing:
+        log.warning(
+            "%d planned inputs are no longer in the inputs; their shards stay (`fgid remove` "
+            "takes samples out)",
+            missing,
         )
+    if not new:
+        log.info("nothing new in the inputs")
+        return []
+    history.record_earlier_build(dataset, recorded)
+    done = [r for r in dataset.history() if r["status"] == history.DONE]
+    first = 1 + max(
+        [p.shard_id for p in recorded]
+        + dataset.shards_on_disk()
+        # A shard emptied by a takedown leaves the plan; its number is not given again.
+        + [r["last_shard"] for r in done if r.get("last_shard") is not None],
+        default=-1,
+    )
+    plans = [
+        ShardPlan(first + i // shard_size, tuple(new[i : i + shard_size]))
+        for i in range(0, len(new), shard_size)
+    ]
+    record = history.start(dataset, history.APPEND, plans, inputs, missing)
+    dataset.append_plan(plans)
+    log.info(
+        "appending %d inputs as shards %d-%d (build %d)",
+        len(new),
+        plans[0].shard_id,
+        plans[-1].shard_id,
+        record["number"],
+    )
     return plans
 
 
@@ -260,10 +325,31 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
     return stats
 
 
+def up_to_date(out_dir: str, plans: list[ShardPlan]) -> bool:
+    """Every planned shard done and finalized since, no build record open: nothing to do."""
+    dataset = Dataset(out_dir)
+    if history.pending(dataset) or not all(dataset.shard_done(p.shard_id) for p in plans):
+        return False
+    try:
+        summary = dataset.summary()
+    except NotADataset:
+        return False
+    planned = sum(len(p.items) for p in plans)
+    return (
+        summary["shards"] == {"planned": len(plans), "done": len(plans)}
+        and summary["inputs"]["planned"] == planned
+    )
+
+
 def build(
-    inputs: list[str], out_dir: str, config: BuildConfig, models: ModelSet | None = None
+    inputs: list[str],
+    out_dir: str,
+    config: BuildConfig,
+    models: ModelSet | None = None,
+    append: bool = False,
 ) -> dict:
-    """The whole build without Prefect: same plan, same shards, same finalize."""
+    """The whole build without Prefect: same plan, same shards, same finalize. With `append`,
+    new inputs are added to an existing build (prepare_output)."""
     from fgid.card import write_card
     from fgid.finalize import finalize
     from fgid.models import leased_model_set
@@ -271,7 +357,10 @@ def build(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(Dataset(out_dir).lock("fgid build"))
-        plans = prepare_output(inputs, out_dir, config)
+        plans = prepare_output(inputs, out_dir, config, append)
+        if append and up_to_date(out_dir, plans):
+            log.info("nothing new: %s is up to date", out_dir)
+            return Dataset(out_dir).summary()
         stack.enter_context(recording(Dataset(out_dir), plans))
         todo = [p for p in plans if not shard_done(out_dir, p.shard_id)]
         log.info("%d shards planned, %d to do", len(plans), len(todo))
@@ -284,4 +373,12 @@ def build(
             progress.shard_finished(process_shard(plan, out_dir, config, models))
         summary = finalize(out_dir, config)
         write_card(out_dir, summary)
+        record_finished(out_dir, summary)
     return summary
+
+
+def record_finished(out_dir: str, summary: dict) -> None:
+    """Close the build's history records once every shard is in the summary and the card:
+    until then a rerun of an append is not "nothing new"."""
+    if summary["complete"]:
+        history.finish(Dataset(out_dir))

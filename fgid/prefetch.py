@@ -20,7 +20,7 @@ from functools import partial
 from typing import Generic, TypeVar
 
 from fgid.budget import BUDGET, Budget
-from fgid.config import DecodeConfig
+from fgid.config import DecodeConfig, DownloadConfig
 from fgid.sample import Sample
 from fgid.stages.decode import DecodeStage
 
@@ -117,8 +117,10 @@ class ThreadedDecodeStage(DecodeStage):
     An unexpected error (not a rejection) is raised once every sample has run, so the base
     Stage's retry-one-by-one decides each sample's fate exactly as for the plain stage."""
 
-    def __init__(self, config: DecodeConfig, pool: ThreadPoolExecutor) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: DecodeConfig, pool: ThreadPoolExecutor, download: DownloadConfig | None = None
+    ) -> None:
+        super().__init__(config, download)
         self.pool = pool
 
     def process(self, samples: list[Sample]) -> None:

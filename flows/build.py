@@ -21,7 +21,14 @@ from fgid.errors import FailureError
 from fgid.finalize import finalize
 from fgid.inputs import ShardPlan
 from fgid.models import leased_model_set
-from fgid.pipeline import prepare_output, process_shard, shard_done, shard_stats
+from fgid.pipeline import (
+    prepare_output,
+    process_shard,
+    record_finished,
+    shard_done,
+    shard_stats,
+    up_to_date,
+)
 from fgid.schema import shard_name
 from fgid.status import recording
 from flows.build_artifacts import BuildReport, artifact_key, dataset_name, publish_summary
@@ -82,7 +89,10 @@ def finalize_build(out_dir: str, config: BuildConfig, card: bool = True) -> dict
         summary["rejected"],
         summary["identities"]["total"],
     )
-    return {"summary": summary, "card": write_card(out_dir, summary) if card else None}
+    result = {"summary": summary, "card": write_card(out_dir, summary) if card else None}
+    if card:
+        record_finished(out_dir, summary)
+    return result
 
 
 def _run_name() -> str:
@@ -108,15 +118,21 @@ def tag_flow_run(tags: list[str], name: str | None = None) -> None:
 
 
 @flow(name="fgid-build", flow_run_name=_run_name, log_prints=False)
-def build(inputs: list[str], out: str, config: BuildConfig | None = None) -> dict:
-    """Build an FGID dataset from image folders, files and list files into `out`."""
+def build(
+    inputs: list[str], out: str, config: BuildConfig | None = None, append: bool = False
+) -> dict:
+    """Build an FGID dataset from image folders, files and list files into `out`; with
+    `append`, add the inputs it lacks to the dataset already there."""
     config = config or BuildConfig()
     load_storage_secret()  # deployments and `fgid serve` runs get credentials from the block too
     send_fgid_logs()
     name = dataset_name(out)
     tag_flow_run(run_tags(name, config))
     with Dataset(out).lock("fgid build"):
-        plans: list[ShardPlan] = prepare_output(inputs, out, config)
+        plans: list[ShardPlan] = prepare_output(inputs, out, config, append)
+        if append and up_to_date(out, plans):
+            get_run_logger().info("nothing new: %s is up to date", out)
+            return Dataset(out).summary()
         with recording(Dataset(out), plans, run_url=flow_run.ui_url):
             return _build_shards(plans, inputs, out, config, name)
 

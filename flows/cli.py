@@ -25,6 +25,7 @@ from flows.cli_common import (
 )
 from flows.cli_convert import convert_app
 from flows.cli_models import models_app
+from flows.cli_publish import publish_cmd
 from flows.cli_server import server_app
 from flows.cli_train import evaluate_cmd, train_app
 
@@ -58,6 +59,13 @@ CaptionColumnOpt = Annotated[
 ]
 LabelColumnOpt = Annotated[
     str | None, typer.Option(help="Table column holding the identity label (as --labels).")
+]
+AppendOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Add the inputs the dataset at --out lacks as new shards; its shards and "
+        "identities stay as they are."
+    ),
 ]
 
 
@@ -104,6 +112,7 @@ def build(
         str | None,
         typer.Option(help="Scheduler of an existing Dask cluster, tcp://HOST:PORT (implies dask)."),
     ] = None,
+    append: AppendOpt = False,
 ) -> None:
     """Build an FGID dataset: decode, detect, align, parse, embed, caption, group, write shards."""
     columns = dict(url_column=url_column, caption_column=caption_column, label_column=label_column)
@@ -122,14 +131,20 @@ def build(
             "or --workers",
             param_hint="--workers",
         )
-    summary = _run_build(inputs, out, cfg, prefect, kind, dask_address)
+    summary = _run_build(inputs, out, cfg, prefect, kind, dask_address, append)
     _print_summary(summary, out)
     if not summary["complete"]:
         raise typer.Exit(1)
 
 
 def _run_build(
-    inputs: list[str], out: str, cfg, use_prefect: bool, kind: str, address: str | None
+    inputs: list[str],
+    out: str,
+    cfg,
+    use_prefect: bool,
+    kind: str,
+    address: str | None,
+    append: bool = False,
 ) -> dict:
     from fgid.inputs import check_inputs, read_labels
     from flows.cli_progress import build_progress
@@ -154,7 +169,7 @@ def _run_build(
         from fgid.pipeline import build as build_plain
 
         with build_progress(console, total):
-            return build_plain(inputs, out, cfg)
+            return build_plain(inputs, out, cfg, append=append)
     with prefect_session():
         from flows.build import build as build_flow
         from flows.runners import describe, gpu_request, task_runner
@@ -163,7 +178,7 @@ def _run_build(
         console.print(f"shards run on {describe(runner)}")
         with build_progress(console, total):
             return build_flow.with_options(task_runner=runner)(
-                inputs=[str(i) for i in inputs], out=str(out), config=cfg
+                inputs=[str(i) for i in inputs], out=str(out), config=cfg, append=append
             )
 
 
@@ -204,6 +219,10 @@ def inspect(
 
     out = Console()
     out.print(Markdown(summary_markdown(summary, str(dataset))))
+    from fgid.history import history_lines
+
+    if ds.history():  # one line per build or --append: date, inputs, shards, samples added
+        out.print("[bold]Builds[/]\n" + "\n".join(map(escape, history_lines(ds))), highlight=False)
     if samples:
         _print_samples(ds, samples, out)
 
@@ -274,7 +293,8 @@ def serve(
             "--out",
             "-o",
             help="Output folder; {date} or {datetime} are filled from each run's scheduled "
-            "time, e.g. data/fgid-{date}. A fixed folder resumes, and refuses changed inputs.",
+            "time, e.g. data/fgid-{date}. A fixed folder resumes, and refuses changed inputs "
+            "unless --append.",
         ),
     ],
     cron: Annotated[
@@ -299,6 +319,7 @@ def serve(
     label_column: LabelColumnOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
+    append: AppendOpt = False,
 ) -> None:
     """Serve a scheduled build on the Prefect server (PREFECT_API_URL) until Ctrl-C or SIGTERM."""
     from flows.serve import build_deployment, serve_build
@@ -306,7 +327,7 @@ def serve(
     columns = dict(url_column=url_column, caption_column=caption_column, label_column=label_column)
     cfg = _build_config(config, set_, models=models, shard_size=shard_size, batch_size=batch_size,
                         workers=workers, labels=labels, **columns)  # fmt: skip
-    schedule = dict(name=name, cron=cron, interval=interval, timezone=timezone)
+    schedule = dict(name=name, cron=cron, interval=interval, timezone=timezone, append=append)
     try:  # schedule, time zone and URLs are checked before any server is started
         build_deployment(inputs, out, cfg, **schedule)
     except ValueError as error:
@@ -475,6 +496,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
 app.add_typer(convert_app, name="convert")
+app.command("publish")(publish_cmd)
 app.command("evaluate")(evaluate_cmd)
 
 

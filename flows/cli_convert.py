@@ -61,3 +61,41 @@ def consistentid(
             str(error), param_hint="--from-reference / --to-reference"
         ) from None
     console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+
+
+@convert_app.command("faceclip")
+def faceclip(
+    from_reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-reference",
+            help="A released face_clip_encoder.pt (or its folder, with unet.pt) to read.",
+        ),
+    ] = None,
+    to_reference: Annotated[
+        Path | None,
+        typer.Option("--to-reference", help="An encoder export (final/ or final/encoder/)."),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="--from-reference: the export folder to write; --to-reference: the .pt file.",
+        ),
+    ] = ...,
+) -> None:
+    """FaceCLIP encoder: `--from-reference FILE --out DIR` or `--to-reference DIR --out FILE`."""
+    from training.faceclip.release import export_to_release, release_to_export
+
+    if (from_reference is None) == (to_reference is None):
+        raise typer.BadParameter("give exactly one of --from-reference FILE or --to-reference DIR")
+    try:
+        if from_reference is not None:
+            written = release_to_export(from_reference, out)
+        else:
+            written = export_to_release(to_reference, out)
+    except (ValueError, FileNotFoundError) as error:  # a file that is not, or does not fit
+        raise typer.BadParameter(
+            str(error), param_hint="--from-reference / --to-reference"
+        ) from None
+    console.print(f"wrote {escape(str(written))}", soft_wrap=True)

@@ -30,6 +30,21 @@ def _rows(config, set_: list[str]) -> list:
     return merged([*full_weights(full), *lite_weights(), *default_weights(full)])
 
 
+WIDE_TABLE = 160  # columns needed for the table to keep each cell on a line or two
+
+
+def _table(rows: list) -> Table:
+    table = Table(title="Model weights", title_justify="left")
+    for column in ("weight", "used by", "looked for at", "setting", "size", "licence", "present"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            escape(row.name), escape(row.used_by), escape(row.where), escape(row.setting),
+            row.size, escape(row.licence), _present(row),
+        )  # fmt: skip
+    return table
+
+
 def _present(row) -> str:
     if row.note:
         return f"[yellow]{escape(row.note)}[/]"
@@ -42,15 +57,16 @@ def models_table(ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = []
     if ctx.invoked_subcommand is not None:
         return
     rows = _rows(config, set_)
-    table = Table(title="Model weights", title_justify="left")
-    for column in ("weight", "used by", "looked for at", "setting", "size", "licence", "present"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(
-            escape(row.name), escape(row.used_by), escape(row.where), escape(row.setting),
-            row.size, escape(row.licence), _present(row),
-        )  # fmt: skip
-    Console().print(table)
+    out = Console()
+    if out.width >= WIDE_TABLE:
+        out.print(_table(rows))
+    else:  # seven columns folded into 80 are unreadable: one block per weight instead
+        for row in rows:
+            out.print(f"{_present(row)}  [bold]{escape(row.name)}[/]  ({row.size}, "
+                      f"{escape(row.licence)})", highlight=False)  # fmt: skip
+            for label, value in (("used by", row.used_by), ("file", row.where),
+                                 ("setting", row.setting)):  # fmt: skip
+                out.print(f"      {label:<8} {escape(value)}", highlight=False, soft_wrap=True)
     missing = [r for r in rows if not r.present and not r.note]
     if missing:
         console.print(

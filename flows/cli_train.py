@@ -138,7 +138,11 @@ def evaluate_cmd(
     ] = None,
     base_model: BaseModelOpt = None,
     weights: Annotated[
-        str | None, typer.Option(help="Trained weights: an exported or checkpoint folder.")
+        str | None,
+        typer.Option(
+            help="Trained weights: an exported or checkpoint folder, or a release "
+            "(ConsistentID-v1.bin; FaceCLIP's model/ folder or face_clip_encoder.pt)."
+        ),
     ] = None,
     identities: Annotated[
         int | None, typer.Option(help="Evaluate this many identities; default all.")

@@ -24,6 +24,9 @@ TRANSIENT_ERRNOS = {
     errno.ENETDOWN,
     errno.EPIPE,
     errno.ESTALE,  # NFS handle gone after a server restart
+    # An I/O error on a network or FUSE-mounted bucket usually passes; on a failing local disk it
+    # does not, and then costs the retry delays once.
+    errno.EIO,
     getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: InternalError, 500
 }
 # Object-store error codes that mean "slow down" or "try again".
@@ -57,11 +60,16 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def _transient_one(exc: BaseException) -> bool:
+def _service_verdict(exc: BaseException) -> bool | None:
+    """For an object store's answer (botocore's ClientError): throttled or failing, or None."""
     response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:  # botocore ClientError
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return response["Error"].get("Code") in THROTTLING_CODES or status == 429 or status >= 500
+    if not (isinstance(response, dict) and "Error" in response):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return response["Error"].get("Code") in THROTTLING_CODES or status == 429 or status >= 500
+
+
+def _transient_one(exc: BaseException) -> bool:
     if type(exc).__name__ in TRANSIENT_NAMES:
         return True
     # botocore's EndpointConnectionError, ReadTimeoutError and kin.
@@ -81,7 +89,13 @@ def transient(exc: BaseException) -> bool:
     does not change between tries."""
     if isinstance(exc, (UsageError, FailureError)):
         return False
-    return any(_transient_one(e) for e in _chain(exc))
+    chain = list(_chain(exc))
+    # The store's own answer is the most specific: s3fs wraps it in a generic OSError (EIO).
+    for error in chain:
+        verdict = _service_verdict(error)
+        if verdict is not None:
+            return verdict
+    return any(_transient_one(e) for e in chain)
 
 
 def describe(exc: BaseException) -> str:

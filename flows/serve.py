@@ -54,13 +54,22 @@ def _run_name() -> str:
 
 @flow(name="fgid-scheduled-build", flow_run_name=_run_name, log_prints=False)
 def scheduled_build(
-    inputs: list[str], out: str, config: BuildConfig | None = None, timezone: str = "UTC"
+    inputs: list[str],
+    out: str,
+    config: BuildConfig | None = None,
+    timezone: str = "UTC",
+    append: bool = False,
 ) -> dict:
-    """Run the fgid-build flow into `out`, `{date}`/`{datetime}` taken from the scheduled time."""
+    """Run the fgid-build flow into `out`, `{date}`/`{datetime}` taken from the scheduled time;
+    with `append`, add what is new in the inputs to the one dataset at `out`."""
     config = config or BuildConfig()
     runner = ThreadPoolTaskRunner(max_workers=config.workers)
     state = build.with_options(task_runner=runner)(
-        inputs=inputs, out=_scheduled_out(out, timezone), config=config, return_state=True
+        inputs=inputs,
+        out=_scheduled_out(out, timezone),
+        config=config,
+        append=append,
+        return_state=True,
     )
     _link_build_run(state, out)
     return state.result()
@@ -100,8 +109,10 @@ def build_deployment(
     cron: str | None = None,
     interval: float | None = None,
     timezone: str = "UTC",
+    append: bool = False,
 ) -> RunnerDeployment:
     """The deployment `serve_build` serves: exactly one of `cron` or `interval` (seconds).
+    With `append`, every run adds what is new in the inputs to the one dataset at `out`.
 
     Every input, the output and the labels path are checked for embedded credentials first:
     the deployment's parameters and description are stored on the Prefect server."""
@@ -112,6 +123,8 @@ def build_deployment(
         raise ValueError("give exactly one of cron or interval")
     if interval is not None and interval <= 0:
         raise ValueError(f"interval must be positive seconds, got {interval}")
+    if append and any(token in str(out) for token in PLACEHOLDERS):
+        raise ValueError("--append adds every run to one dataset: drop {date} from --out")
     try:
         ZoneInfo(timezone)  # an unknown zone fails here, not at the first run
     except (ZoneInfoNotFoundError, ValueError):
@@ -128,6 +141,7 @@ def build_deployment(
             "out": _absolute(str(out)),
             "config": config.model_dump(mode="json"),
             "timezone": timezone,
+            "append": append,
         },
         # One build at a time, also across processes: a run that comes due while a build is
         # running is cancelled, not queued, so a slow build never piles up a backlog and two
@@ -137,7 +151,8 @@ def build_deployment(
         ),
         # Runs take the deployment's tags when the scheduler creates them, before they start.
         tags=[*run_tags(dataset_name(out), config), "scheduled"],
-        description=f"fgid build of {len(inputs)} input(s) into {out}",
+        description=f"fgid build of {len(inputs)} input(s) {'appended to' if append else 'into'} "
+        f"{out}",
         # A module path works from any directory where fgid is installed.
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
@@ -223,10 +238,18 @@ def serve_build(
     cron: str | None = None,
     interval: float | None = None,
     timezone: str = "UTC",
+    append: bool = False,
 ) -> None:
     """Serve a scheduled build from this process until SIGINT or SIGTERM."""
     deployment = build_deployment(
-        inputs, out, config, name=name, cron=cron, interval=interval, timezone=timezone
+        inputs,
+        out,
+        config,
+        name=name,
+        cron=cron,
+        interval=interval,
+        timezone=timezone,
+        append=append,
     )
     print(
         f"Serving {deployment.flow_name}/{deployment.name}: {len(inputs)} input(s) -> {out}, "

@@ -176,3 +176,44 @@ def test_a_build_output_inside_an_input_folder_is_never_an_input(
     (photos / "later" / "x.png").write_bytes(b"x")
     sources = collect_sources([str(photos)], exclude=[str(photos / "later")])
     assert not [s for s in sources if "/later/" in s]
+
+
+def test_plans_and_shard_indexes_written_before_provenance_columns_still_read(tmp_path):
+    import pyarrow as pa
+
+    from fgid.dataset import Dataset
+    from fgid.schema import INDEX_SCHEMA
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    plans = plan_shards([str(tmp_path)], 10)
+    old_plan = plan_table(plans).select(["shard", "key", "source", "label"])
+    assert plans_from_table(old_plan) == plans
+    old_index = pa.schema([f for f in INDEX_SCHEMA if not f.name.startswith("source_")])
+    dataset = Dataset(str(tmp_path / "out"))
+    dataset.prepare()
+    dataset.write_index(0, old_index.empty_table())
+    assert dataset.read_index(0).schema.equals(INDEX_SCHEMA)
+
+
+def test_finalize_columns_of_an_old_shard_index_read_as_nulls(tmp_path):
+    import pyarrow as pa
+
+    from fgid.dataset import Dataset
+    from fgid.schema import INDEX_SCHEMA
+
+    old_index = pa.schema([f for f in INDEX_SCHEMA if not f.name.startswith("source_")])
+    dataset = Dataset(str(tmp_path / "out"))
+    dataset.prepare()
+    dataset.write_index(0, old_index.empty_table())
+    dataset.index([n for n in INDEX_SCHEMA.names if n != "embedding"])
+
+
+def test_web_urls_in_inputs_and_lists_are_sources_never_listed(tmp_path):
+    listing = tmp_path / "urls.txt"
+    listing.write_text("https://example.com/a.jpg\nhttp://example.com/b.jpg\n")
+    sources = check_inputs([str(listing), "https://example.com/c.jpg"])
+    assert sources == [
+        "http://example.com/b.jpg",
+        "https://example.com/a.jpg",
+        "https://example.com/c.jpg",
+    ]

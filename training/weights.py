@@ -124,18 +124,40 @@ def face_encoder_weight(path: str | None, used_by: str) -> Weight:
     return weight
 
 
+def faceclip_release_weight(path: str, used_by: str, setting: str) -> Weight:
+    return _file(
+        "faceclip-release", "FaceCLIP-SDXL release (face_clip_encoder.pt [+ unet.pt])", used_by,
+        path, setting, "5.4 GB + 10 GB", "CC BY-NC 4.0 (weights), Apache-2.0 (code)",
+        "download model/ from the ByteDance/FaceCLIP hub repository",
+        is_folder=Path(path).expanduser().is_dir(),
+    )  # fmt: skip
+
+
+def metaclip_weight(used_by: str) -> Weight:
+    """The towers' MetaCLIP weights, which open_clip downloads into its own cache."""
+    return Weight(
+        "metaclip", "open_clip ViT-L-14-quickgelu + ViT-bigG-14 (metaclip_fullcc)", used_by,
+        "(open_clip cache)", "towers[].pretrained", "1.7 GB + 10 GB", "CC BY-NC 4.0", True,
+        None, "downloaded by open_clip at first use", note="fetched by open_clip",
+    )  # fmt: skip
+
+
 def faceclip_weights(
     stage: str,
     base_model: str,
     face_encoder: str | None,
     image_model: str | None,
     encoder_weights: str | None,
+    init_from_reference: str | None = None,
 ) -> list[Weight]:
     used_by = f"train faceclip ({stage})"
-    rows = [
-        _sdxl(base_model, used_by, "base_model (--base-model)", text_only=stage == "align"),
-        face_encoder_weight(face_encoder, used_by),
-    ]
+    rows = []
+    if stage == "sdxl":  # the align stage reads no SDXL weights
+        rows.append(_sdxl(base_model, used_by, "base_model (--base-model)"))
+    if init_from_reference:
+        rows.append(faceclip_release_weight(init_from_reference, used_by, "init_from_reference"))
+    else:
+        rows += [metaclip_weight(used_by), face_encoder_weight(face_encoder, used_by)]
     if stage == "align" and image_model:
         rows.append(_clip_l(image_model, used_by, "image_model"))
     if stage == "sdxl" and encoder_weights:
@@ -150,6 +172,44 @@ def faceclip_weights(
 
 
 # --- evaluation ----------------------------------------------------------------------------------
+
+
+FACENET_URL = (
+    "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
+    "20180402-114759-vggface2.pt"
+)
+
+
+def facenet_path(setting: str | None = None) -> Path:
+    """The FaceNet VGGFace2 file: the setting, else where facenet-pytorch keeps it
+    ($TORCH_HOME/checkpoints)."""
+    import os
+
+    if setting:
+        return Path(setting).expanduser()
+    cache = os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")
+    home = Path(os.getenv("TORCH_HOME", cache)).expanduser()
+    return home / "checkpoints" / Path(FACENET_URL).name
+
+
+def _fetch_facenet() -> object:
+    import torch
+
+    path = facenet_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(FACENET_URL, str(path))
+    return path
+
+
+def facenet_weight(setting: str | None) -> Weight:
+    path = facenet_path(setting)
+    return Weight(
+        "facenet", "FaceNet Inception-ResNet-v1 (VGGFace2, facenet-pytorch release)",
+        "evaluate (FaceSim)", str(path), "metrics.facenet", "107 MB",
+        "MIT (facenet-pytorch); VGGFace2 terms for the data", path.is_file(),
+        None if setting else _fetch_facenet, "fgid models download facenet",
+        note="" if path.is_file() else "absent: FaceSim is n/a, FaceSim-ArcFace still scored",
+    )  # fmt: skip
 
 
 def inception_path() -> Path:
@@ -175,12 +235,25 @@ def evaluation_weights(
     dino: str,
     fid: str,
     faces: ModelsConfig,
+    facenet: str | None = None,
 ) -> list[Weight]:
     used_by = f"evaluate ({kind})"
     setting = "generator.base_model (--base-model)"
     base = _sdxl if kind == "faceclip" else _sd15
     rows = [base(base_model, used_by, setting)]
-    if kind != "text-only" and weights:
+    from training.faceclip.convert import is_release
+
+    if kind == "faceclip" and weights and is_release(weights):
+        rows.append(faceclip_release_weight(weights, used_by, "generator.weights (--weights)"))
+    elif kind == "consistentid" and weights and Path(weights).is_file():
+        rows.append(
+            _file(
+                "consistentid-release", "ConsistentID release (ConsistentID-v1.bin)", used_by,
+                weights, "generator.weights (--weights)", "1.1 GB", "MIT",
+                "download ConsistentID-v1.bin from the JackAILab/ConsistentID hub repository",
+            )
+        )  # fmt: skip
+    elif kind != "text-only" and weights:
         rows.append(
             _file(
                 "trained", f"trained {kind} weights", used_by, weights,
@@ -189,6 +262,7 @@ def evaluation_weights(
             )
         )  # fmt: skip
     rows.append(_clip_l(clip, "evaluate (CLIP-T, CLIP-I)", "metrics.clip (--clip)"))
+    rows.append(facenet_weight(facenet))
     rows.append(
         hub_weight(
             "dino", "DINO ViT-S/16", "evaluate (DINO, FGIS)", dino, DINO, "metrics.dino (--dino)",
@@ -225,13 +299,15 @@ def for_consistentid(config: ConsistentIDTrainConfig) -> list[Weight]:
 def for_faceclip(config: FaceCLIPTrainConfig) -> list[Weight]:
     return faceclip_weights(
         config.stage, config.base_model, config.face_encoder, config.image_model,
-        config.encoder_weights,
+        config.encoder_weights, config.init_from_reference,
     )  # fmt: skip
 
 
 def for_evaluation(config: EvaluateConfig) -> list[Weight]:
     g, m = config.generator, config.metrics
-    return evaluation_weights(g.kind, g.base_model, g.weights, m.clip, m.dino, m.fid, m.faces)
+    return evaluation_weights(
+        g.kind, g.base_model, g.weights, m.clip, m.dino, m.fid, m.faces, m.facenet
+    )
 
 
 def default_weights(faces: ModelsConfig | None = None) -> list[Weight]:

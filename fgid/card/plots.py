@@ -21,7 +21,7 @@ GENDER_COLORS = {"female": "#c44e52", "male": "#4c72b0", "unknown": "#9e9e9e"}
 
 def age_by_gender(out_dir: str) -> dict[str, dict[str, int]]:
     """Age histogram per gender over kept samples (summary.json holds only the marginals)."""
-    index = read_index(out_dir).select(["status", "age", "gender"])
+    index = read_index(out_dir, ["status", "age", "gender"])
     index = index.filter(pc.equal(index["status"], STATUS_OK))
     ages: dict[str, list[float]] = {}
     for age, gender in zip(index["age"].to_pylist(), index["gender"].to_pylist(), strict=True):

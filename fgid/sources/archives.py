@@ -86,8 +86,8 @@ def _zip_members(path: str) -> dict[str, Member]:
     with storage.open_input(path) as handle, zipfile.ZipFile(handle) as archive:
         members = {}
         for info in archive.infolist():
-            mode = info.external_attr >> 16
-            if info.is_dir() or (mode and not stat.S_ISREG(mode)):
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the tool stored no type
+            if info.is_dir() or kind not in (0, stat.S_IFREG):
                 continue  # folders, and links stored by Unix zip tools
             members[info.filename] = Member(info.filename, 0, info.file_size)
         return members

@@ -182,7 +182,10 @@ class _RowGroups:
                 self._groups.move_to_end(key)
                 return self._groups[key]
         with storage.open_input(path) as handle:
-            values = pq.ParquetFile(handle).read_row_group(group, columns=[column]).column(0)
+            parquet = pq.ParquetFile(handle)
+            if column not in parquet.schema_arrow.names:
+                raise Unusable("unreadable", f"no column {column[:200]!r}")
+            values = parquet.read_row_group(group, columns=[column]).column(0)
         with self._lock:
             self._groups[key] = values
             while len(self._groups) > CACHED_ROW_GROUPS:

@@ -42,6 +42,7 @@ def raised_from(error: BaseException, cause: BaseException) -> BaseException:
         (ConnectionResetError(errno.ECONNRESET, "reset by peer"), True),
         (TimeoutError("read timed out"), True),
         (OSError(errno.EBUSY, "SlowDown"), True),  # s3fs's translation of a throttled request
+        (OSError(errno.EIO, "Input/output error"), True),  # e.g. a FUSE-mounted bucket
         (raised_from(OSError(errno.EIO, "x"), ClientError("SlowDown", 503)), True),
         (raised_from(OSError(errno.EIO, "x"), ClientError("InternalError", 500)), True),
         (raised_from(OSError(errno.EIO, "x"), ClientError("AccessDenied", 403)), False),

@@ -10,7 +10,7 @@ from flows.cli_common import run_cli
 from flows.cli_models import models_app
 from tests.tiny_full_models import build_bisenet_weights, build_insightface_pack
 
-WIDE = {"COLUMNS": "400", "HF_HUB_OFFLINE": "1"}
+WIDE = {"COLUMNS": "1000", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture
@@ -77,3 +77,15 @@ def test_download_with_everything_present_fetches_nothing(fgid, tmp_path, capsys
     args = ["models", "download", "insightface", "--set", f"models.insightface_root={root}"]
     assert run_cli(fgid, args) == 0
     assert "nothing to download" in capsys.readouterr().err
+
+
+def test_a_narrow_terminal_gets_one_block_per_weight(tmp_path):
+    empty = tmp_path / "empty"
+    args = ["--set", f"models.facexlib_root={empty}"]
+    out = CliRunner().invoke(models_app, args, env={"COLUMNS": "80", "HF_HUB_OFFLINE": "1"})
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert "│" not in out.output  # no table folded into 80 columns
+    start = next(i for i, line in enumerate(lines) if "BiSeNet face parser" in line)
+    assert lines[start].startswith("no ")
+    assert any(f"file     {empty / 'parsing_bisenet.pth'}" in line for line in lines[start:])

@@ -201,6 +201,13 @@ def test_ui_names_the_cause_of_a_failed_build(ui_build, browser, prefix):
     page.get_by_text("IsADirectoryError: [Errno 21] Is a directory").first.wait_for()
     page.get_by_text(re.compile(f"fgid build .* --out .*{BROKEN}")).first.wait_for()
     page.screenshot(path=root / f"{name}-failure.png", full_page=True)
+    # The run's shard table: each shard's state, counts, rejections by reason, time and error.
+    shards = artifact(server.api_url, f"fgid-shards-{BROKEN}")
+    page.goto(f"{base}/artifacts/artifact/{shards['id']}")
+    page.get_by_text("seconds (with model load)").first.wait_for()
+    page.get_by_text("done before this run").or_(page.get_by_text("built")).first.wait_for()
+    page.get_by_text("failed", exact=True).first.wait_for()
+    page.screenshot(path=root / f"{name}-shards.png", full_page=True)
     page.close()
 
 

@@ -30,13 +30,16 @@ def baseline(tiny_sd15):
 @pytest.fixture(scope="module")
 def metric_models(tiny_clip, tiny_dino, lite_models):
     from training.evaluation.backbones import ClipScorer, DinoScorer
+    from training.evaluation.facenet import FaceNetScorer, load_facenet
     from training.evaluation.faces import FaceAnalyzer
     from training.evaluation.fid import DinoFeatures
     from training.evaluation.metrics import MetricModels
 
     dino = DinoScorer.from_pretrained(str(tiny_dino), device="cpu")
     clip = ClipScorer.from_pretrained(str(tiny_clip), device="cpu")
-    return MetricModels(clip, dino, FaceAnalyzer(lite_models), DinoFeatures(dino))
+    return MetricModels(
+        clip, dino, FaceAnalyzer(lite_models), DinoFeatures(dino), FaceNetScorer(load_facenet(None))
+    )
 
 
 def test_baseline_implements_the_generator_protocol(baseline, built_dataset):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from training.evaluation.protocols import Generator
-from training.faceclip.config import EncoderConfig, FaceViTConfig, FusionConfig
+from training.faceclip.config import EncoderConfig
 from training.faceclip.encoder import FaceCLIPEncoder
 from training.faceclip.pipeline import FaceCLIPGenerator
 from training.faceclip.sdxl import FaceCLIPSDXL
@@ -24,9 +24,7 @@ def export(tiny_sdxl, tmp_path_factory):
     """A FaceCLIP-SDXL export (final/ layout) with trained-looking, non-initial weights."""
     root = tmp_path_factory.mktemp("faceclip-export")
     torch.manual_seed(0)
-    config = EncoderConfig(
-        base_model=str(tiny_sdxl), face_vit=FaceViTConfig.tiny(), fusion=FusionConfig.tiny()
-    )
+    config = EncoderConfig.tiny()
     encoder = FaceCLIPEncoder.build(config)
     with torch.no_grad():
         for p in encoder.parameters():

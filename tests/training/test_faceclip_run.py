@@ -7,7 +7,7 @@ import json
 import pytest
 
 from training.checkpoints import list_checkpoints
-from training.faceclip.config import FaceViTConfig, FusionConfig
+from training.faceclip.config import FaceViTConfig, FuserConfig, TowerConfig
 from training.faceclip.train import FaceCLIPTrainConfig, train_faceclip
 from training.loader import LoaderConfig
 from training.loop import TrainConfig
@@ -20,7 +20,8 @@ def _config(dataset, tiny_sdxl, tiny_clip, out, stage="align", max_steps=4, **kw
         base_model=str(tiny_sdxl),
         image_model=str(tiny_clip),
         face_vit=FaceViTConfig.tiny(),
-        fusion=FusionConfig.tiny(),
+        fuser=FuserConfig.tiny(),
+        towers=[TowerConfig.tiny(32), TowerConfig.tiny(64)],
         loader=LoaderConfig(
             batch_size=4, resolution=32, clip_size=32, workers=0, shuffle_buffer=8, seed=3
         ),
@@ -52,7 +53,7 @@ def test_align_stage_writes_checkpoints_and_export(align_run):
     assert (final / "encoder" / "encoder.safetensors").is_file()
     assert (final / "alignment.safetensors").is_file()
     run = json.loads((final / "faceclip.json").read_text())
-    assert run["stage"] == "align" and run["encoder"]["fusion"]["depth"] == 1
+    assert run["stage"] == "align" and run["encoder"]["fuser"]["depth"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert {"loss_face", "loss_text", "loss_image"} <= set(rows[0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.faceclip.align import AlignmentModel, load_image_model
-from training.faceclip.config import EncoderConfig, FaceViTConfig, FusionConfig
+from training.faceclip.config import EncoderConfig
 from training.faceclip.encoder import FaceCLIPEncoder
 from training.faceclip.sdxl import FaceCLIPSDXL
 from training.loader import LoaderConfig, faceclip_loader
@@ -30,9 +30,7 @@ def batch(built_dataset):
 
 
 def encoder_config(tiny_sdxl) -> EncoderConfig:
-    return EncoderConfig(
-        base_model=str(tiny_sdxl), face_vit=FaceViTConfig.tiny(), fusion=FusionConfig.tiny()
-    )
+    return EncoderConfig.tiny()
 
 
 def _train_on(model, batch, tmp_path, steps: int, lr: float):
@@ -65,9 +63,25 @@ def test_alignment_overfits_one_batch(tiny_sdxl, tiny_clip, batch, tmp_path):
     assert set(model.spaces) == {"face", "text", "image"}
     result = _train_on(model, batch, tmp_path, steps=6, lr=3e-3)
     assert result.losses[-1] < 0.5 * result.losses[0]
-    # Only trainable weights are checkpointed: no text tower, face ViT or CLIP image model.
-    names = list(model.state_dict())
-    assert all(n.startswith(("encoder.fusions.", "spaces.")) for n in names)
+    # The towers keep the released layout; only fuser, projections and heads are trained.
+    trained = {n.split(".")[3] if n.startswith("encoder.") else "spaces"
+               for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trained == {"spaces", "proj1", "face_patch_proj", "face_pos_proj",
+                       "text_embed_proj", "text_pos_proj", "fuser"}  # fmt: skip
+    assert not any(n.startswith("frozen") for n in model.state_dict())
+
+
+def test_image_branches_use_each_towers_own_scale_and_bias(tiny_sdxl, batch):
+    from training.faceclip.released import ImageBranch
+
+    encoder = FaceCLIPEncoder.build(encoder_config(tiny_sdxl))
+    branches = [ImageBranch(t) for t in encoder.config.towers]
+    model = AlignmentModel(encoder, None, None, branches)
+    loss, logs = model(batch)
+    assert {"loss_tower0_image", "loss_tower1_image"} <= set(logs)
+    loss.backward()
+    assert all(t.logit_scale.grad is not None and t.logit_bias.grad is not None
+               for t in encoder.towers)  # fmt: skip
 
 
 def _fixed_loss(model: FaceCLIPSDXL, batch, seeds=range(2)) -> float:

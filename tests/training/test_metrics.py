@@ -15,13 +15,16 @@ from tests.photos import astronaut, grace_hopper
 @pytest.fixture(scope="module")
 def metric_models(tiny_clip, tiny_dino, lite_models):
     from training.evaluation.backbones import ClipScorer, DinoScorer
+    from training.evaluation.facenet import FaceNetScorer, load_facenet
     from training.evaluation.faces import FaceAnalyzer
     from training.evaluation.fid import DinoFeatures
     from training.evaluation.metrics import MetricModels
 
     dino = DinoScorer.from_pretrained(str(tiny_dino), device="cpu")
     clip = ClipScorer.from_pretrained(str(tiny_clip), device="cpu")
-    return MetricModels(clip, dino, FaceAnalyzer(lite_models), DinoFeatures(dino))
+    return MetricModels(
+        clip, dino, FaceAnalyzer(lite_models), DinoFeatures(dino), FaceNetScorer(load_facenet(None))
+    )
 
 
 def hopper() -> np.ndarray:
@@ -63,6 +66,7 @@ def test_identical_image_scores_full_similarity(metric_models, astronaut_ref):
     assert row["clip_i"] == pytest.approx(100, abs=1e-3)
     assert row["dino"] == pytest.approx(100, abs=1e-3)
     assert row["face_sim"] == pytest.approx(100, abs=1e-3)
+    assert row["face_sim_arcface"] == pytest.approx(100, abs=1e-3)
     assert row["face_found"]
     # The generated side is re-detected, re-aligned and re-parsed, so the regions match closely
     # but not pixel for pixel. The lite parser never paints ears: they cannot be compared.
@@ -76,8 +80,9 @@ def test_facesim_separates_people(metric_models, astronaut_ref):
     brighter = np.asarray(ImageEnhance.Brightness(photo).enhance(1.2))
     turned = np.asarray(photo.rotate(5, resample=Image.Resampling.BICUBIC))
     rows = metric_models.score([astronaut_ref] * 3, [brighter, turned, hopper()], ["a woman"] * 3)
-    same = [r["face_sim"] for r in rows[:2]]
-    other = rows[2]["face_sim"]
+    # The lite embedder is a trained recogniser; FaceNet here has random weights.
+    same = [r["face_sim_arcface"] for r in rows[:2]]
+    other = rows[2]["face_sim_arcface"]
     assert all(r["face_found"] for r in rows)
     assert min(same) > 97
     assert other < min(same) - 5
@@ -104,14 +109,14 @@ def test_a_batch_scores_like_its_items_alone(metric_models, astronaut_ref, hoppe
     batch = metric_models.score(refs, images, prompts)
     for ref, image, prompt, together in zip(refs, images, prompts, batch, strict=True):
         (alone,) = metric_models.score([ref], [image], [prompt])
-        for metric in ("clip_t", "clip_i", "dino", "face_sim", "fgis"):
+        for metric in ("clip_t", "clip_i", "dino", "face_sim", "face_sim_arcface", "fgis"):
             assert together[metric] == pytest.approx(alone[metric], abs=1e-3), metric
     # Image-reference similarities are symmetric: hopper drawn for the astronaut scores what the
     # astronaut drawn for hopper scores.
     assert batch[0]["clip_i"] == pytest.approx(batch[1]["clip_i"], abs=1e-3)
     assert batch[0]["dino"] == pytest.approx(batch[1]["dino"], abs=1e-3)
     assert batch[0]["face_sim"] == pytest.approx(batch[1]["face_sim"], abs=1e-3)
-    assert batch[0]["face_sim"] < 95
+    assert batch[0]["face_sim_arcface"] < 95
 
 
 def test_clip_t_is_the_cosine_of_the_two_embeddings(metric_models, astronaut_ref):
@@ -183,3 +188,20 @@ def test_prompts_file_and_class_words():
         parse_prompts("# header\nstyle a portrait without a placeholder\n")
     with pytest.raises(ValueError, match="categories"):
         load_prompts(categories=["food"])
+
+
+def test_facenet_has_facenet_pytorchs_layout_and_drops_the_classifier(tmp_path):
+    import torch
+
+    from training.evaluation.facenet import InceptionResnetV1, load_facenet
+
+    model = InceptionResnetV1()
+    state = model.state_dict()
+    assert len(state) == 714 and state["last_linear.weight"].shape == (512, 1792)
+    assert state["repeat_2.9.branch1.1.conv.weight"].shape == (128, 128, 1, 7)
+    released = {**state, "logits.weight": torch.zeros(8631, 512), "logits.bias": torch.zeros(8631)}
+    torch.save(released, tmp_path / "20180402-114759-vggface2.pt")
+    loaded = load_facenet(tmp_path / "20180402-114759-vggface2.pt")
+    out = loaded(torch.randn(2, 3, 160, 160))
+    assert out.shape == (2, 512)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))

@@ -65,9 +65,37 @@ def load_generator(config: GeneratorConfig) -> Generator:
     if config.kind == "consistentid":
         from training.consistentid.pipeline import ConsistentIDGenerator
 
+        if Path(config.weights).is_file():  # the released ConsistentID-v1.bin itself
+            return released_consistentid(config)
         return ConsistentIDGenerator.from_pretrained(
             config.base_model, config.weights, **config.options
         )
     from training.faceclip.pipeline import FaceCLIPGenerator
 
     return FaceCLIPGenerator.from_pretrained(config.base_model, config.weights, **config.options)
+
+
+def released_consistentid(config: GeneratorConfig) -> Generator:
+    """The released ConsistentID checkpoint as a generator, loaded strictly in memory (no
+    conversion on disk); its rows are named `consistentid-release` unless `name` is given."""
+    import torch
+
+    from training.consistentid.convert import release_shape
+    from training.consistentid.model import ConsistentID, load_frozen
+    from training.consistentid.pipeline import ConsistentIDGenerator
+    from training.consistentid.release import load_release, load_release_into
+
+    options = dict(config.options)
+    device = torch.device(
+        options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    dtype = options.pop("dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    shape = release_shape(load_release(config.weights))
+    frozen = load_frozen(config.base_model, options.pop("image_encoder", None))
+    model = ConsistentID(frozen, shape.id_dim, shape.options)
+    load_release_into(model, config.weights)
+    model.to(device=device, dtype=dtype).eval()
+    options.setdefault("name", "consistentid-release")
+    return ConsistentIDGenerator(model, config.base_model, **options)

@@ -30,6 +30,7 @@ class Face:
     aligned: np.ndarray
     label_map: np.ndarray
     score: float
+    box: np.ndarray | None = None  # (4,) x1, y1, x2, y2 in the analysed image
 
 
 class FaceAnalyzer:
@@ -80,7 +81,9 @@ class FaceAnalyzer:
         label_maps = self.models.parser.parse(aligned, dense)
         result: list[Face | None] = [None] * len(images)
         for n, i in enumerate(hits):
-            result[i] = Face(embeddings[n], aligned[n], label_maps[n], primary[i].score)
+            result[i] = Face(
+                embeddings[n], aligned[n], label_maps[n], primary[i].score, primary[i].box
+            )
         return result
 
 

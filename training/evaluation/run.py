@@ -45,6 +45,7 @@ TITLES = {
     "clip_i": "CLIP-I",
     "dino": "DINO",
     "face_sim": "FaceSim",
+    "face_sim_arcface": "FaceSim-ArcFace",
     "fgis": "FGIS",
     "fid": "FID",
     "seconds_per_image": "s/image",

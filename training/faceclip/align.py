@@ -7,7 +7,9 @@ loss (see loss.py) with
 - the text space: the frozen bigG pooled embedding of the plain caption,
 - the image space: a frozen CLIP image embedding of the target image (`image_model`: a hub name
   or folder of a `CLIPModel` or a `CLIPVisionModelWithProjection`; None leaves this space out).
-Trainable: the encoder's fusion stacks, the three heads and their logit scales and biases.
+Trainable: the encoder's fusers and projections, the three heads and their logit scales and
+biases. With `image_branch`, each tower's own logit scale and bias (the released parameters)
+also score its ID-injected, projected text feature against that tower's open_clip image branch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from training.faceclip.config import AlignConfig
 from training.faceclip.encoder import FaceCLIPEncoder
 from training.faceclip.frozen import HoldsFrozen
-from training.faceclip.loss import SpaceAlignment
+from training.faceclip.loss import SpaceAlignment, pair_targets, sigmoid_loss
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +50,27 @@ class AlignmentModel(HoldsFrozen):
         encoder: FaceCLIPEncoder,
         image_model: nn.Module | None,
         config: AlignConfig | None = None,
+        image_branches: list[nn.Module] | None = None,
     ):
         super().__init__()
         self.config = config = config or AlignConfig()
         self.encoder = encoder
-        joint = sum(t.width for t in encoder.towers)
+        joint = sum(t.width for t in encoder.config.towers)
         init = dict(logit_scale=config.logit_scale, logit_bias=config.logit_bias)
         spaces = {
             "face": (encoder.config.face_vit.features, "positive"),
-            "text": (encoder.towers[-1].model.config.projection_dim, "ignore"),
+            "text": (encoder.text_dim, "ignore"),
         }
         if image_model is not None:
             self.hold("image_model", image_model)
             spaces["image"] = (image_model.config.projection_dim, "ignore")
+        self.branches = len(image_branches or [])
+        if not self.branches:  # only the image branches read the towers' scale and bias
+            for tower in encoder.towers:
+                tower.logit_scale.requires_grad_(False)
+                tower.logit_bias.requires_grad_(False)
+        for i, branch in enumerate(image_branches or []):
+            self.hold(f"image_branch{i}", branch)
         self.spaces = nn.ModuleDict(
             {name: SpaceAlignment(joint, dim, same, **init) for name, (dim, same) in spaces.items()}
         )
@@ -85,6 +95,14 @@ class AlignmentModel(HoldsFrozen):
         losses = {
             name: space(out.joint, targets[name], identities) for name, space in self.spaces.items()
         }
+        for i in range(self.branches):  # the released per-tower scale and bias
+            tower, tower_out = self.encoder.towers[i], out.towers[i]
+            target = self.frozen(f"image_branch{i}")(batch["clip_pixel_values"])
+            labels, mask = pair_targets(identities, "ignore", target.device)
+            losses[f"tower{i}_image"] = sigmoid_loss(
+                tower_out.text_feature, target, tower.logit_scale, tower.logit_bias, labels, mask
+            )
+            weights[f"tower{i}_image"] = self.config.image_weight
         loss = sum(weights[name] * value for name, value in losses.items())
         logs = {f"loss_{name}": float(value.detach()) for name, value in losses.items()}
         return loss, logs

@@ -1,4 +1,4 @@
-"""The released FaceCLIP encoder checkpoint (`face_clip_encoder.pt`) to our encoder's state and back.
+"""The released FaceCLIP encoder (`face_clip_encoder.pt`) to our encoder's state and back.
 
 The release is the state dict of its `FaceCLIP_L_G_Wrapper`: `face_clip_l.*` and `face_clip_g.*`
 (one `TextImageBranch` each; 1,686 tensors at the released sizes), sometimes saved with a
@@ -89,3 +89,29 @@ def load_reference(encoder: torch.nn.Module, state: dict | str | Path) -> None:
     ours = from_reference(state)
     check_state(encoder.state_dict(), ours)
     encoder.load_state_dict(ours, strict=True)
+
+
+ENCODER_FILE = "face_clip_encoder.pt"
+UNET_FILE = "unet.pt"
+
+
+def release_files(path: str | Path) -> tuple[Path, Path | None]:
+    """(encoder file, UNet file or None) of a release: the encoder file itself (the UNet is
+    looked for beside it), or a folder holding them (or their hub layout's `model/`)."""
+    path = Path(path)
+    if path.is_file():
+        unet = path.parent / UNET_FILE
+        return path, unet if unet.is_file() else None
+    for folder in (path, path / "model"):
+        if (folder / ENCODER_FILE).is_file():
+            unet = folder / UNET_FILE
+            return folder / ENCODER_FILE, unet if unet.is_file() else None
+    raise FileNotFoundError(f"{path}: neither a released {ENCODER_FILE} nor a folder with one")
+
+
+def is_release(path: str | Path) -> bool:
+    try:
+        release_files(path)
+    except FileNotFoundError:
+        return False
+    return True

@@ -115,8 +115,11 @@ class FaceCLIPEncoder(nn.Module):
                     tower.text_projection.copy_(model.text_projection)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        """Everything but the frozen text towers and face ViTs (those reload from their
+        sources): what an export holds."""
+        frozen = FaceCLIPTower.FROZEN_STATE
+        # keys are towers.{i}.{attribute}...
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[2] not in frozen}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides) -> FaceCLIPEncoder:

@@ -152,7 +152,8 @@ class TextFaceFuser(nn.Module):
         reference = reference_points(shapes, face.device).to(face.dtype)
         enc = self.encoder
         last = len(enc.layers) - 1
-        for i, (fusion, text_layer) in enumerate(zip(enc.fusion_layers, enc.text_layers)):
+        pairs = zip(enc.fusion_layers, enc.text_layers, strict=True)
+        for i, (fusion, text_layer) in enumerate(pairs):
             face, text = fusion(face, text)
             text = text_layer(text, text_pos)
             if i < last:  # the last face update reaches nothing that leaves the fuser

@@ -42,33 +42,53 @@ def face_tensor(reference: Reference) -> torch.Tensor:
 def _load_models(
     base_model: str, weights: Path, encoder: str | None, face_encoder: str | None, dtype
 ):
-    """(UNet, FaceCLIPEncoder) from an exported folder (final/) or a checkpoint-{step} folder."""
+    """(UNet, FaceCLIPEncoder) from a release (face_clip_encoder.pt [+ unet.pt]), an exported
+    folder (final/) or a checkpoint-{step} folder."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    overrides = {"base_model": base_model, "face_encoder": face_encoder}
+    from training.faceclip.convert import is_release, release_files
+    from training.faceclip.sdxl import load_released_unet
+
+    def base_unet():
+        return UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", dtype=dtype)
+
+    if is_release(weights):
+        encoder_file, _ = release_files(weights)
+        enc = FaceCLIPEncoder.build(EncoderConfig(init_from_reference=str(encoder_file)))
+        unet = base_unet()
+        load_released_unet(unet, weights)
+        return unet, enc
+    overrides = {"face_encoder": face_encoder}
     if (weights / "encoder").is_dir() or encoder:  # an export
         enc = FaceCLIPEncoder.from_pretrained(encoder or weights, **overrides)
         if (weights / "unet").is_dir():
             return UNet2DConditionModel.from_pretrained(weights / "unet", dtype=dtype), enc
         log.warning("%s holds no fine-tuned UNet: using the base model's", weights)
-        return UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", dtype=dtype), enc
+        return base_unet(), enc
 
     run_file = weights.parent / RUN_FILE
     if not (weights / CHECKPOINT_WEIGHTS).is_file() or not run_file.is_file():
-        raise FileNotFoundError(f"{weights} is neither a FaceCLIP export nor a run's checkpoint")
+        raise FileNotFoundError(
+            f"{weights} is neither a FaceCLIP release, an export nor a run's checkpoint"
+        )
     run = json.loads(run_file.read_text())
     state = load_file(str(weights / CHECKPOINT_WEIGHTS))
-    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", dtype=dtype)
+    unet = base_unet()
     if run["stage"] == "sdxl":
         unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items()})
-        return unet, FaceCLIPEncoder.from_pretrained(run["encoder_weights"], **overrides)
+        source = run["encoder_weights"]
+        if source:
+            return unet, FaceCLIPEncoder.from_pretrained(source, **overrides)
+        config = EncoderConfig.model_validate(run["encoder"])
+        return unet, FaceCLIPEncoder.build(config)
     config = EncoderConfig.model_validate(run["encoder"])
     enc = FaceCLIPEncoder.build(
         config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     )
     prefix = "encoder."
-    enc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    trained = enc.trainable_state()
+    enc.load_trained({k[len(prefix) :]: v for k, v in state.items() if k[len(prefix) :] in trained})
     log.warning("%s is an alignment checkpoint: using the base model's UNet", weights)
     return unet, enc
 
@@ -102,7 +122,8 @@ class FaceCLIPGenerator:
         dtype: torch.dtype | str | None = None,
         **settings,
     ) -> FaceCLIPGenerator:
-        """`weights`: an exported `final/` folder or a `checkpoint-{step}` folder of a run.
+        """`weights`: a FaceCLIP-SDXL release (`face_clip_encoder.pt` with `unet.pt` beside it,
+        or their folder), an exported `final/` folder or a `checkpoint-{step}` folder of a run.
         `encoder` overrides where the encoder export is; `face_encoder` where the face ViT
         weights are on this machine. `settings`: steps, guidance_scale, height, width,
         negative_prompt, name."""
@@ -113,19 +134,19 @@ class FaceCLIPGenerator:
             dtype = getattr(torch, dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         unet, enc = _load_models(base_model, Path(weights), encoder, face_encoder, dtype)
-        # The pipeline shares the encoder's frozen towers instead of loading them twice.
-        towers = {
-            "text_encoder": enc.towers[0].model,
-            "text_encoder_2": enc.towers[-1].model,
-            "tokenizer": enc.towers[0].tokenizer,
-            "tokenizer_2": enc.towers[-1].tokenizer,
-        }
+        if "name" not in settings:
+            from training.faceclip.convert import is_release
+
+            if is_release(weights):  # a row of its own beside models trained here
+                settings["name"] = "faceclip-sdxl-release"
+        # FaceCLIP replaces SDXL's text encoders: the pipeline gets embeddings, never text.
+        towers = dict.fromkeys(("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
         pipeline = StableDiffusionXLPipeline.from_pretrained(
             base_model, unet=unet, dtype=dtype, **towers
         )
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
-        enc.to(device, dtype).eval()  # the towers it shares with the pipeline too
+        enc.to(device, dtype).eval()
         return cls(pipeline, enc, **settings)
 
     @torch.no_grad()

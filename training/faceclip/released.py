@@ -43,11 +43,12 @@ def open_clip_config(config: TowerConfig, part: str) -> dict:
         return known[part]
     if part == "text_cfg":
         return config.text_cfg()
-    return {"image_size": 32, "layers": 1, "width": config.width, "patch_size": 8}
+    return {"image_size": 32, "layers": 1, "width": config.width, "patch_size": 8, "head_width": 16}
 
 
 class FaceCLIPTower(nn.Module):
     FROZEN = ("transformer", "token_embedding", "ln_final", "face_encoder")
+    FROZEN_STATE = (*FROZEN, "positional_embedding", "text_projection")
 
     def __init__(self, config: TowerConfig, face: FaceViTConfig, fuser: FuserConfig):
         super().__init__()

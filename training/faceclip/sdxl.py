@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from training.faceclip.config import EncoderConfig
 from training.faceclip.encoder import FaceCLIPEncoder, FaceCLIPOutput
 from training.faceclip.frozen import HoldsFrozen
 
@@ -41,6 +42,19 @@ def condition(
     return encoder(faces, prompts, with_identity=kept)
 
 
+def load_released_unet(unet, release: str | Path) -> bool:
+    """The release's fine-tuned UNet (`unet.pt`, a diffusers SDXL UNet state dict), strictly;
+    False when the release has none (the base UNet stays)."""
+    from training.faceclip.convert import read_release, release_files
+
+    _, path = release_files(release)
+    if path is None:
+        log.warning("%s has no unet.pt: starting from the base model's UNet", release)
+        return False
+    unet.load_state_dict(read_release(path), strict=True)
+    return True
+
+
 class FaceCLIPSDXL(HoldsFrozen):
     def __init__(self, unet, vae, encoder: FaceCLIPEncoder, scheduler, condition_drop: float = 0.1):
         super().__init__()
@@ -58,19 +72,25 @@ class FaceCLIPSDXL(HoldsFrozen):
     def build(
         cls,
         base_model: str,
-        encoder_weights: str | Path,
+        encoder_weights: str | Path | EncoderConfig,
         condition_drop: float = 0.1,
         face_encoder: str | None = None,
+        unet_from_reference: str | Path | None = None,
     ) -> FaceCLIPSDXL:
-        """UNet, VAE and noise schedule from the SDXL `base_model`; the encoder exported by the
-        alignment stage (its towers are reloaded from `base_model`)."""
+        """VAE and noise schedule from the SDXL `base_model`; the encoder exported by the
+        alignment stage (or built from a config, e.g. one initialised from the release); the
+        UNet from `base_model`, or from the release's `unet.pt` when one is found."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        encoder = FaceCLIPEncoder.from_pretrained(
-            encoder_weights, base_model=base_model, face_encoder=face_encoder
-        )
+        if isinstance(encoder_weights, EncoderConfig):
+            encoder = FaceCLIPEncoder.build(encoder_weights)
+        else:
+            encoder = FaceCLIPEncoder.from_pretrained(encoder_weights, face_encoder=face_encoder)
+        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        if unet_from_reference:
+            load_released_unet(unet, unet_from_reference)
         return cls(
-            UNet2DConditionModel.from_pretrained(base_model, subfolder="unet"),
+            unet,
             AutoencoderKL.from_pretrained(base_model, subfolder="vae"),
             encoder,
             DDPMScheduler.from_pretrained(base_model, subfolder="scheduler"),

@@ -24,7 +24,9 @@ from training.faceclip.config import (
     AlignConfig,
     EncoderConfig,
     FaceViTConfig,
-    FusionConfig,
+    FuserConfig,
+    TowerConfig,
+    released_towers,
 )
 from training.loader import LoaderConfig, faceclip_loader
 from training.loop import TrainConfig, TrainResult, train
@@ -42,7 +44,12 @@ class FaceCLIPTrainConfig(BaseModel):
     dataset_url: str = Field(description="a built dataset (folder or s3://)")
     base_model: str = Field(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        description="SDXL folder or hub name: text towers, tokenizers, UNet, VAE, scheduler",
+        description="SDXL folder or hub name: UNet, VAE, scheduler (text towers: open_clip)",
+    )
+    init_from_reference: str | None = Field(
+        None,
+        description="a FaceCLIP release (face_clip_encoder.pt, or a folder with it and unet.pt): "
+        "align starts from its encoder; sdxl uses its encoder and starts from its UNet",
     )
     face_encoder: str | None = Field(
         None,
@@ -55,24 +62,32 @@ class FaceCLIPTrainConfig(BaseModel):
         "Projection, hub name or folder); None = align with the face and text spaces only",
     )
     encoder_weights: str | None = Field(
-        None, description="sdxl: the align stage's final/ folder (required)"
+        None, description="sdxl: the align stage's final/ folder (or init_from_reference)"
     )
     # Architecture (align stage; the sdxl stage rebuilds the encoder from its export's config)
+    towers: list[TowerConfig] = Field(default_factory=released_towers)
     face_vit: FaceViTConfig = Field(default_factory=FaceViTConfig)
-    fusion: FusionConfig = Field(default_factory=FusionConfig)
-    hidden_layer: int = Field(-2, description="text-tower hidden state fed to the fusion")
+    fuser: FuserConfig = Field(default_factory=FuserConfig)
+    image_branch: bool = Field(
+        False, description="align: also score each tower against its open_clip image branch"
+    )
     align: AlignConfig = Field(default_factory=AlignConfig)
     condition_drop: float = Field(0.1, ge=0, le=1, description="sdxl: classifier-free drop")
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     train: TrainConfig
 
     def encoder_config(self) -> EncoderConfig:
+        reference = None
+        if self.init_from_reference:
+            from training.faceclip.convert import release_files
+
+            reference = str(release_files(self.init_from_reference)[0])
         return EncoderConfig(
-            base_model=self.base_model,
+            towers=self.towers,
             face_encoder=self.face_encoder,
             face_vit=self.face_vit,
-            fusion=self.fusion,
-            hidden_layer=self.hidden_layer,
+            fuser=self.fuser,
+            init_from_reference=reference,
         )
 
 
@@ -81,16 +96,25 @@ def build_model(config: FaceCLIPTrainConfig):
     if config.stage == "align":
         from training.faceclip.align import AlignmentModel, load_image_model
         from training.faceclip.encoder import FaceCLIPEncoder
+        from training.faceclip.released import ImageBranch
 
         encoder = FaceCLIPEncoder.build(config.encoder_config())
         image_model = load_image_model(config.image_model) if config.image_model else None
-        return AlignmentModel(encoder, image_model, config.align)
+        branches = [ImageBranch(t) for t in config.towers] if config.image_branch else None
+        return AlignmentModel(encoder, image_model, config.align, branches)
     from training.faceclip.sdxl import FaceCLIPSDXL
 
-    if not config.encoder_weights:
-        raise ValueError("the sdxl stage needs encoder_weights: the align stage's final/ folder")
+    if not config.encoder_weights and not config.init_from_reference:
+        raise ValueError(
+            "the sdxl stage needs encoder_weights (the align stage's final/ folder) or "
+            "init_from_reference (a FaceCLIP release)"
+        )
     return FaceCLIPSDXL.build(
-        config.base_model, config.encoder_weights, config.condition_drop, config.face_encoder
+        config.base_model,
+        config.encoder_weights or config.encoder_config(),
+        config.condition_drop,
+        config.face_encoder,
+        unet_from_reference=config.init_from_reference,
     )
 
 
