@@ -299,7 +299,7 @@ def assign(
     labelled = pc.fill_null(pc.greater(pc.utf8_length(label), 0), False).to_numpy(False)
     if previous is None:
         previous = (pa.nulls(n, pa.string()), pa.nulls(n, pa.string()))
-    old_names, old_sources = (pc.cast(a, pa.string()).combine_chunks() for a in previous)
+    old_names, old_sources = (_array(pc.cast(a, pa.string())) for a in previous)
     old = pc.is_valid(old_names).to_numpy(False)
     todo = np.flatnonzero(~labelled & ~old)
     # Every row's name is taken from [label names | old names | cluster names] by position.
@@ -338,6 +338,10 @@ def assign(
         },
         schema=IDENTITY_SCHEMA,
     )
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def _seed(names: pa.Array, sources: pa.Array, embeddings: np.ndarray):

@@ -98,6 +98,7 @@ def prepare_output(
             "or the settings of the first run"
         )
     recorded = dataset.read_plan()
+    planned = dataset.without_removed(planned)
     if not append:
         # An appended dataset's shards are not one sharding of its inputs: the same inputs
         # with the same fields is the same plan.
@@ -127,7 +128,7 @@ def _append(
     shard_size: int,
 ) -> list[ShardPlan]:
     """Shards for the inputs `recorded` lacks, numbered after every shard it ever had."""
-    known = _items(recorded).keys() | dataset.removed_keys()
+    known = _items(recorded).keys()
     found = [item for plan in planned for item in plan.items]
     new = [item for item in found if item.key not in known]
     missing = len(_items(recorded).keys() - {item.key for item in found})

@@ -320,8 +320,9 @@ def _check_before_build(build_config, consistentid, faceclip_align, faceclip_sdx
     for config in (faceclip_align, faceclip_sdxl):
         if config is not None:
             rows += weights.faceclip_weights(
-                config.stage, config.base_model, config.face_encoder, config.image_model, None
-            )
+                config.stage, config.base_model, config.face_encoder, config.image_model, None,
+                config.init_from_reference,
+            )  # fmt: skip
     if evaluation is not None:
         m = evaluation.metrics
         kinds = {"consistentid": consistentid, "faceclip": faceclip_sdxl}

@@ -1,4 +1,4 @@
-"""Appending to a build: new inputs become new shards; old shards and identities stay as they are."""
+"""Appending to a build: new inputs become new shards; old shards and identities stay as is."""
 
 from __future__ import annotations
 
@@ -169,3 +169,21 @@ def test_disappeared_inputs_are_reported_and_kept(
     assert {k: v for k, v in shard_bytes(copy).items() if k in steps[-1]["shards"]} == steps[-1][
         "shards"
     ]
+
+
+def test_taken_down_samples_are_not_appended_again(tmp_path, grown, demo_inputs, lite_models):
+    from fgid.removal import remove_samples
+
+    folder, out, config, steps = grown
+    copy = tmp_path / "ds"
+    shutil.copytree(out, copy)
+    remove_samples(str(copy), sources=[str(folder / "tom_hanks.png")], reason="ticket 7")
+    before = identities(copy)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted(folder.iterdir())))
+    build([str(listing), str(demo_inputs)], str(copy), config, lite_models, append=True)
+    sources = index(copy)["source"].to_pylist()
+    assert str(folder / "tom_hanks.png") not in sources
+    assert str(demo_inputs / "tom_hanks.png") in sources  # another path: another input
+    assert {k: identities(copy)[k] for k in before} == before
+    assert Dataset(str(copy)).history()[-1]["inputs_added"] == len(list(demo_inputs.iterdir()))

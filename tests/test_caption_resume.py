@@ -263,3 +263,22 @@ def test_removal_purges_build_and_caption_run_journals(demo_inputs, lite_models,
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def test_a_shared_datasets_journal_cannot_crash_or_inject(tmp_path):
+    """Journal lines this code did not write are ignored, not trusted or fatal."""
+    from fgid.captioning.journal import Journal, purge
+
+    url = tmp_path / "00000.caption-journal.jsonl"
+    good = {"key": "k0", "model": "m", "captions": {"caption": "a face"}}
+    lines = [
+        good,
+        [1, 2],
+        {"key": "../../x", "model": "m", "captions": {"caption": "escape"}},
+        {"key": "k1", "model": "m", "captions": "not a mapping"},
+        {"key": "k2", "captions": {"caption": "no model"}},
+    ]
+    url.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    journal = Journal(str(url), "m")
+    assert journal.entries == {"k0": {"caption": "a face"}}
+    assert purge(str(url), {"k0"}) == 5 and not url.exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,3 +145,75 @@ def test_sigkill_of_a_prefect_build_resumes(reference, demo_inputs, tmp_path, pr
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert outputs(out) == reference
     assert "already done" in rerun.stderr + rerun.stdout
+
+
+BASE = ["astronaut.png", "coffee (no face).png", "notes.jpg", "tom_hanks.png"]
+
+
+def appended_outputs(out: Path) -> dict[str, bytes]:
+    """What an append must reproduce exactly: shards, the plan and identities."""
+    return {
+        **outputs(out),
+        **{n: (out / n).read_bytes() for n in ("plan.parquet", "identities.parquet")},
+    }
+
+
+@pytest.fixture(scope="module")
+def append_base(demo_inputs, tmp_path_factory):
+    """A finished build of BASE, after which the rest of the demo photos join its folder."""
+    root = tmp_path_factory.mktemp("append-base")
+    folder, out = root / "photos", root / "ds"
+    folder.mkdir()
+    for name in BASE:
+        shutil.copy(demo_inputs / name, folder / name)
+    subprocess.run(command(folder, out, prefect=False), cwd=ROOT, check=True, capture_output=True)
+    for path in demo_inputs.iterdir():
+        shutil.copy(path, folder / path.name)
+    return folder, out
+
+
+@pytest.fixture(scope="module")
+def append_reference(append_base, tmp_path_factory):
+    folder, base = append_base
+    out = tmp_path_factory.mktemp("append-reference") / "ds"
+    shutil.copytree(base, out)
+    cmd = [*command(folder, out, prefect=False), "--append"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return appended_outputs(out)
+
+
+def identities_rewritten(out: Path):
+    before = (out / "identities.parquet").stat().st_mtime_ns
+    return lambda o: (o / "identities.parquet").stat().st_mtime_ns != before
+
+
+APPEND_KILL_POINTS = {
+    "planned": lambda out: (out / "builds" / "0001.json").exists(),
+    "mid-shard": lambda out: stats_count(out) >= 3 and any((out / "shards").glob(".*.tar.tmp-*")),
+    "finalizing": identities_rewritten,  # identities written, card and history not yet
+}
+
+
+@pytest.mark.parametrize("kill_point", sorted(APPEND_KILL_POINTS))
+def test_sigkill_during_an_append_then_rerun_matches(
+    append_base, append_reference, tmp_path, kill_point
+):
+    folder, base = append_base
+    out = tmp_path / "ds"
+    shutil.copytree(base, out)
+    old = outputs(out)
+    when = APPEND_KILL_POINTS[kill_point]
+    cmd = [*command(folder, out, prefect=False), "--append"]
+    run_and_kill(cmd, out, dict(os.environ), when(out) if kill_point == "finalizing" else when)
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    result = appended_outputs(out)
+    assert result == append_reference
+    assert {k: result[k] for k in old} == old  # the first build's shards never changed
+    records = json_records(out)
+    assert [(r["kind"], r["status"]) for r in records] == [("build", "done"), ("append", "done")]
+    assert records[1]["inputs_added"] == len(list(folder.iterdir())) - len(BASE)
+
+
+def json_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "builds").glob("*.json"))]

@@ -6,6 +6,7 @@ import json
 import os
 
 import storage
+from fgid.shardtar import is_key
 
 
 class Journal:
@@ -28,9 +29,9 @@ class Journal:
     def _load(self, text: str) -> None:
         kept, _ = _complete_lines(text)
         for line in kept:
-            entry = json.loads(line)
+            entry = _entry_of(line)
             # A hub id may now name other weights; a setting may have changed since.
-            if entry["model"] == self.model and entry.get("context") == self.context:
+            if entry and entry["model"] == self.model and entry.get("context") == self.context:
                 self.entries[entry["key"]] = entry["captions"]
                 self.stamps[entry["key"]] = entry.get("stamp")
         self._text = "".join(kept)
@@ -95,9 +96,27 @@ def purge(url: str, keys: set[str]) -> int:
     if not storage.exists(url):
         return 0
     kept, cut = _complete_lines(storage.read_text(url))
-    remaining = [line for line in kept if json.loads(line)["key"] not in keys]
+    # Lines that are no entry of ours go too: nothing could ever look them up.
+    remaining = [line for line in kept if (e := _entry_of(line)) and e["key"] not in keys]
     if not remaining:
         storage.remove(url)
     elif cut or len(remaining) < len(kept):
         storage.atomic_write_text(url, "".join(remaining))
     return len(kept) - len(remaining)
+
+
+def _entry_of(line: str) -> dict | None:
+    """A journal line as an entry, or None for one this code did not write: a shared dataset's
+    journal is untrusted, and an entry is only ever looked up by a key of our form."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or not is_key(entry.get("key")):
+        return None
+    captions = entry.get("captions")
+    if not isinstance(captions, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in captions.items()
+    ):
+        return None
+    return entry if isinstance(entry.get("model"), str) else None

@@ -76,3 +76,25 @@ def test_face_vit_follows_the_arcface_torch_layout(tmp_path):
     loaded = FaceViT.load(tmp_path / "model.pt", FaceViTConfig.tiny())
     faces = _faces(2)
     torch.testing.assert_close(tiny(faces).identity, loaded(faces).identity)
+
+
+def test_fgid_convert_faceclip_writes_the_release_and_refuses_a_stranger_in_one_line(
+    encoder, tmp_path, capsys
+):
+    from flows.cli import app
+    from flows.cli_common import run_cli
+
+    encoder.save_pretrained(tmp_path / "enc")
+    out = tmp_path / "face_clip_encoder.pt"
+    code = run_cli(app, ["convert", "faceclip", "--to-reference", str(tmp_path / "enc"),
+                         "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert all(k.startswith(("face_clip_l.", "face_clip_g.")) for k in read_release(out))
+
+    (tmp_path / "photo.pt").write_bytes(b"\x89PNG not a checkpoint")
+    capsys.readouterr()
+    code = run_cli(app, ["convert", "faceclip", "--from-reference", str(tmp_path / "photo.pt"),
+                         "--out", str(tmp_path / "back")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "back").exists()
