@@ -6,9 +6,15 @@ each (cosine to the centre about 0.74, so two images of one person are at about 
 over the plan, 1% exact duplicates. finalize then runs in a fresh child process, which reports
 its own seconds and peak RSS, so generation never counts.
 
-Prints one JSON line per size: samples, identities (true and found), seconds, peak_rss_mb.
+Prints one JSON line per size: samples, identities (true and found), seconds, peak_rss_mb,
+and, each in a child of its own, `planning` (prepare_output of a list file naming as many
+inputs) and `append` (finalize after APPEND_FRACTION more samples were appended: the new ones are
+clustered against the kept identities). `--build-sizes` adds one line per size for a whole
+plain-Python build of that many small JPEGs with bench-only stub models (bench/stub_models.py).
 
 Run:  uv run python -m bench.scale_bench [--sizes 20000,100000] [--shard-size 10000] [--keep DIR]
+      uv run python -m bench.scale_bench --sizes '' --build-sizes 1000,10000
+      uv run python -m bench.scale_bench --sizes '' --planning-sizes 100000,1000000
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -99,7 +104,7 @@ def run_finalize(out: str) -> None:
     start = time.perf_counter()
     summary = finalize(out, BuildConfig())
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak_kb = peak_rss_kb()
     print(
         json.dumps(
             {
@@ -112,19 +117,166 @@ def run_finalize(out: str) -> None:
     )
 
 
+APPEND_FRACTION = 0.1
+
+
+def run_in_child(kind: str, **args) -> dict:
+    """Run `kind` in a fresh process; its last stdout line (JSON) is the result."""
+    found = subprocess.run(
+        [sys.executable, "-m", "bench.scale_bench", "--child", json.dumps({"kind": kind, **args})],
+        check=True,
+        stdout=subprocess.PIPE,  # stderr passes through: a failure shows its traceback
+        text=True,
+    )
+    return json.loads(found.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_kb() -> int:
+    """This process's own peak RSS. Not ru_maxrss: Linux keeps that across exec, so a child
+    would report the peak of the bench process that started it."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def measured(started: float, **extra) -> None:
+    peak_kb = peak_rss_kb()
+    seconds = round(time.perf_counter() - started, 2)
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": round(peak_kb / 1024), **extra}))
+
+
+def run_child(spec: dict) -> None:
+    from fgid.config import BuildConfig
+
+    started = time.perf_counter()
+    if spec["kind"] == "planning":
+        from fgid.pipeline import prepare_output
+
+        plans = prepare_output([spec["listing"]], spec["out"], BuildConfig(shard_size=10_000))
+        measured(started, inputs=sum(len(p.items) for p in plans))
+    elif spec["kind"] == "append":
+        from fgid.finalize import finalize
+
+        summary = finalize(spec["out"], BuildConfig())
+        measured(started, identities_found=summary["identities"]["total"])
+    elif spec["kind"] == "build":
+        from bench.stub_models import stub_model_set
+        from fgid.pipeline import build
+
+        config = BuildConfig(shard_size=1000, batch_size=32, align={"size": 128})
+        summary = build([spec["inputs"]], spec["out"], config, stub_model_set())
+        measured(started, samples=summary["samples"])
+
+
+def write_listing(path: Path, count: int) -> None:
+    """A list file naming `count` inputs (never read: planning does not open them)."""
+    with open(path, "w") as handle:
+        for lo in range(0, count, 100_000):
+            handle.writelines(
+                f"/data/faces/{i:09d}.jpg\n" for i in range(lo, min(lo + 100_000, count))
+            )
+
+
+def append_dataset(out: Path, samples: int, added: int, shard_size: int) -> None:
+    """Grow a finalized synthetic build by `added` samples as `fgid build --append` does: new
+    shards after the old ones, the plan extended, a history record. Half the new faces are of
+    people already in it (write_dataset's centres), half of new people."""
+    from fgid import history
+    from fgid.dataset import Dataset
+    from fgid.inputs import InputItem, ShardPlan
+    from fgid.schema import INDEX_SCHEMA, STATUS_OK
+
+    identities = max(1, samples // IMAGES_PER_IDENTITY)
+    centres = np.random.default_rng(1).standard_normal((identities, DIM), dtype=np.float32)
+    rng = np.random.default_rng(2)
+    fresh = rng.standard_normal((max(1, added // (2 * IMAGES_PER_IDENTITY)), DIM), np.float32)
+    centres = np.concatenate([centres, fresh])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    known = rng.integers(0, identities, added - added // 2)
+    new = identities + rng.integers(0, len(fresh), added // 2)
+    truth = rng.permutation(np.concatenate([known, new]))
+    dataset = Dataset(str(out))
+    first = 1 + max(dataset.done_shards())
+    plans = []
+    for n, lo in enumerate(range(0, added, shard_size)):
+        shard_id, rows = first + n, np.arange(lo, min(lo + shard_size, added))
+        keys = [hashlib.sha1(b"added %d" % i).hexdigest()[:20] for i in rows]
+        sources = [f"synthetic/added-{i:08d}.jpg" for i in rows]
+        plans.append(ShardPlan(shard_id, tuple(map(InputItem, keys, sources))))
+        noise = rng.standard_normal((len(rows), DIM), dtype=np.float32) * (NOISE / np.sqrt(DIM))
+        emb = (centres[truth[rows]] + noise).ravel()
+        k = len(rows)
+        columns = {
+            "key": keys,
+            "shard": [shard_id] * k,
+            "source": sources,
+            "status": [STATUS_OK] * k,
+            "sha256": [hashlib.sha256(b"added %d" % i).hexdigest() for i in rows],
+            "face_count": [1] * k,
+            "age": rng.uniform(5, 90, k).astype(np.float32),
+            "gender": rng.choice(["female", "male"], k).tolist(),
+            "regions": [["face"]] * k,
+            "embedding": pa.ListArray.from_arrays(np.arange(k + 1, dtype=np.int32) * DIM, emb),
+        }
+        for name in INDEX_SCHEMA.names:
+            columns.setdefault(name, [None] * k)
+        dataset.write_index(shard_id, pa.table(columns, schema=INDEX_SCHEMA))
+        dataset.write_stats(shard_id, {"stages": {}, "ok": k})
+    history.start(dataset, history.APPEND, plans, ["synthetic"])
+    dataset.append_plan(plans)
+
+
+def write_images(folder: Path, count: int) -> None:
+    """`count` distinct 128x128 JPEGs (noise: the stub embedder gives each its own identity)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (128, 128, 3), np.uint8)
+    for i in range(count):
+        image = base.copy()
+        image[0, :8] = np.frombuffer(i.to_bytes(24, "little"), np.uint8).reshape(8, 3)
+        Image.fromarray(image).save(folder / f"{i:07d}.jpg", quality=90)
+
+
+def build_lines(root: Path, sizes: list[int]) -> None:
+    for size in sizes:
+        inputs, out = root / f"images{size}", root / f"build{size}"
+        write_images(inputs, size)
+        result = run_in_child("build", inputs=str(inputs), out=str(out))
+        print(json.dumps({"build_inputs": size, **result}), flush=True)
+        shutil.rmtree(out)
+        shutil.rmtree(inputs)
+
+
+def planning_lines(root: Path, sizes: list[int]) -> None:
+    for size in sizes:
+        listing, out = root / f"list{size}.txt", root / f"planned{size}"
+        write_listing(listing, size)
+        result = run_in_child("planning", listing=str(listing), out=str(out))
+        print(json.dumps({"planning_inputs": size, **result}), flush=True)
+        shutil.rmtree(out)
+        listing.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000,100000", help="comma-separated sample counts")
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--keep", help="write the synthetic builds here and keep them")
     parser.add_argument("--finalize", help=argparse.SUPPRESS)  # the child's entry point
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the other children's
+    parser.add_argument("--build-sizes", default="", help="whole builds with stub models")
+    parser.add_argument("--planning-sizes", default="", help="planning only, of this many inputs")
     args = parser.parse_args()
     if args.finalize:
         run_finalize(args.finalize)
         return
+    if args.child:
+        run_child(json.loads(args.child))
+        return
     root = Path(args.keep or tempfile.mkdtemp(prefix="fgid-scale-"))
     try:
-        for size in (int(s) for s in args.sizes.split(",")):
+        for size in (int(s) for s in args.sizes.split(",") if s):
             out = root / f"n{size}"
             start = time.perf_counter()
             identities = write_dataset(out, size, args.shard_size)
@@ -137,9 +289,20 @@ def main() -> None:
             )
             result = json.loads(child.stdout.strip().splitlines()[-1])
             line = {"samples": size, "identities": identities, "dim": DIM, **result}
+            listing = root / f"n{size}.txt"
+            write_listing(listing, size)
+            line["planning"] = run_in_child(
+                "planning", listing=str(listing), out=str(root / f"plan{size}")
+            )
+            added = max(1, int(size * APPEND_FRACTION))
+            append_dataset(out, size, added, args.shard_size)
+            line["append"] = {"added": added, **run_in_child("append", out=str(out))}
+            shutil.rmtree(root / f"plan{size}")
             print(json.dumps({**line, "write_seconds": round(written, 1)}), flush=True)
             if not args.keep:
                 shutil.rmtree(out)
+        build_lines(root, [int(s) for s in args.build_sizes.split(",") if s])
+        planning_lines(root, [int(s) for s in args.planning_sizes.split(",") if s])
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

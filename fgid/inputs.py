@@ -423,26 +423,49 @@ def plan_shards(
 ITEM_COLUMNS = ("key", "source", "label", "caption", "license", "source_url", "extra")
 
 
+# Rows per row group of plan.parquet: written and read a group at a time.
+PLAN_ROW_GROUP = 65_536
+
+
 def plan_table(plans: list[ShardPlan]) -> pa.Table:
-    rows = [(p.shard_id, *(getattr(it, c) for c in ITEM_COLUMNS)) for p in plans for it in p.items]
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in PLAN_SCHEMA]
-    return pa.Table.from_arrays(
-        [pa.array(c, t.type) for c, t in zip(columns, PLAN_SCHEMA, strict=True)], schema=PLAN_SCHEMA
-    )
+    # Column by column: a row tuple per input would double what the plan holds while it is built.
+    shards = pa.array([p.shard_id for p in plans for _ in p.items], pa.int32())
+    columns = [
+        pa.array([getattr(item, name) for p in plans for item in p.items], field.type)
+        for name, field in zip(ITEM_COLUMNS, list(PLAN_SCHEMA)[1:], strict=True)
+    ]
+    return pa.Table.from_arrays([shards, *columns], schema=PLAN_SCHEMA)
 
 
 def plans_from_table(table: pa.Table) -> list[ShardPlan]:
     grouped: dict[int, list[InputItem]] = {}
-    for row in table.to_pylist():
-        grouped.setdefault(row["shard"], []).append(
-            InputItem(**{c: row.get(c) for c in ITEM_COLUMNS})
-        )
+    for batch in table.to_batches(PLAN_ROW_GROUP):  # Python values for one batch at a time
+        columns = [
+            batch.column(c).to_pylist() if c in batch.schema.names else [None] * batch.num_rows
+            for c in ("shard", *ITEM_COLUMNS)
+        ]
+        for shard, *fields in zip(*columns, strict=True):
+            grouped.setdefault(shard, []).append(InputItem(*fields))
     return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]
 
 
+def _groups(plans: list[ShardPlan]):
+    """Runs of whole shards of about PLAN_ROW_GROUP inputs."""
+    start = rows = 0
+    for i, plan in enumerate(plans):
+        rows += len(plan.items)
+        if rows >= PLAN_ROW_GROUP:
+            yield plans[start : i + 1]
+            start, rows = i + 1, 0
+    if start < len(plans) or not plans:
+        yield plans[start:]
+
+
 def write_plan(out_dir: str, plans: list[ShardPlan]) -> None:
-    with storage.atomic_open(storage.join(out_dir, PLAN_FILE)) as handle:
-        pq.write_table(plan_table(plans), handle)
+    url = storage.join(out_dir, PLAN_FILE)
+    with storage.atomic_open(url) as handle, pq.ParquetWriter(handle, PLAN_SCHEMA) as writer:
+        for group in _groups(plans):
+            writer.write_table(plan_table(group))
 
 
 def append_plan(out_dir: str, plans: list[ShardPlan]) -> None:
@@ -454,7 +477,8 @@ def append_plan(out_dir: str, plans: list[ShardPlan]) -> None:
         with pq.ParquetWriter(handle, PLAN_SCHEMA) as writer:
             for group in range(recorded.num_row_groups):
                 writer.write_table(_with_plan_schema(recorded.read_row_group(group)))
-            writer.write_table(plan_table(plans))
+            for group in _groups(plans):
+                writer.write_table(plan_table(group))
 
 
 def _with_plan_schema(table: pa.Table) -> pa.Table:

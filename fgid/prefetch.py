@@ -87,7 +87,10 @@ class ReadAhead(Generic[Chunk, Batch]):
         def submit_next() -> None:
             item = next(todo, _END)
             if item is not _END:
-                pending.append(self._pool.submit(self._load, *item))
+                # In a copy of the consumer's context: a warning logged while loading is then
+                # attributed to the same run (e.g. Prefect's task run) as the consumer's own.
+                context = contextvars.copy_context()
+                pending.append(self._pool.submit(context.run, self._load, *item))
 
         for _ in range(self.depth):
             submit_next()
