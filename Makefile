@@ -21,16 +21,12 @@ demo: setup
 
 # Everything CI runs: the GPU check's steps on the CPU at toy sizes (so the one command a GPU
 # session runs works), then unit, slow (Prefect server, real kills) and, on a GPU, gpu tests.
-# Training tests run in a pytest process of their own: they start DataLoader worker processes,
-# which hung or died after the browser and server tests had run in the same process.
 test: setup
 	bash bench/gpu_check.sh --dry-run
-	$(UV) run pytest --ignore=tests/training
-	$(UV) run pytest tests/training
+	$(UV) run pytest
 
 test-fast: setup
-	$(UV) run pytest -m "not slow and not gpu" --ignore=tests/training
-	$(UV) run pytest -m "not slow and not gpu" tests/training
+	$(UV) run pytest -m "not slow and not gpu"
 
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check .

@@ -34,7 +34,7 @@ from fgid.status import recording
 from flows.build_artifacts import BuildReport, artifact_key, dataset_name, publish_summary
 from flows.retries import describe, retry_transient
 from flows.run_logs import send_fgid_logs
-from flows.secrets import load_storage_secret
+from flows.storage_secret import load_storage_secret
 
 __all__ = ["artifact_key", "build", "shard_run_name", "tag_flow_run"]
 

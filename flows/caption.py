@@ -28,7 +28,7 @@ from flows.build import tag_flow_run
 from flows.build_artifacts import artifact_key, dataset_name
 from flows.retries import describe, retry_transient
 from flows.run_logs import send_fgid_logs
-from flows.secrets import load_storage_secret
+from flows.storage_secret import load_storage_secret
 
 
 # As build_shard: only errors that can clear up are retried. A retry resumes from the shard's

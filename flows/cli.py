@@ -148,7 +148,7 @@ def _run_build(
 ) -> dict:
     from fgid.inputs import check_inputs, read_labels
     from flows.cli_progress import build_progress
-    from flows.secrets import load_storage_secret
+    from flows.storage_secret import load_storage_secret
     from storage.credentials import check_url
 
     # Before anything reads s3:// or starts workers, so they all see the credentials; and a URL
@@ -372,7 +372,7 @@ def caption(
     """Add or replace captions in a built dataset with another captioner or prompt."""
     from fgid.captioning.run import FieldExists, fields_from_options
     from fgid.dataset import Dataset
-    from flows.secrets import load_storage_secret
+    from flows.storage_secret import load_storage_secret
     from storage.credentials import check_url
 
     load_storage_secret()

@@ -25,7 +25,7 @@ def publish_cmd(
 ) -> None:
     """Write the shards, their Parquet index and the card as a Hugging Face dataset repository."""
     from fgid.publish import publish
-    from flows.secrets import load_storage_secret
+    from flows.storage_secret import load_storage_secret
     from storage.credentials import check_url
 
     load_storage_secret()

@@ -49,7 +49,7 @@ TrainBatchOpt = Annotated[int | None, typer.Option(help="Samples per batch (load
 
 
 def _train(kind: str, cfg, prefect: bool) -> None:
-    from flows.secrets import load_storage_secret
+    from flows.storage_secret import load_storage_secret
     from storage.credentials import check_url
 
     load_storage_secret()
@@ -173,7 +173,7 @@ def evaluate_cmd(
 ) -> None:
     """Generate each identity once per evaluation prompt and score CLIP-T, CLIP-I, DINO, FaceSim,
     FGIS, FID and seconds per image; tables go to OUT as Parquet."""
-    from flows.secrets import load_storage_secret
+    from flows.storage_secret import load_storage_secret
     from storage.credentials import check_url
     from training.evaluation.config import EvaluateConfig
 

@@ -19,7 +19,7 @@ from fgid.config import BuildConfig
 from fgid.errors import FailureError
 from flows.build import artifact_key, tag_flow_run
 from flows.build import build as build_flow
-from flows.secrets import load_storage_secret
+from flows.storage_secret import load_storage_secret
 from training.checkpoints import FINAL_DIR
 from training.consistentid.train import ConsistentIDTrainConfig
 from training.evaluation.config import EvaluateConfig, GeneratorConfig

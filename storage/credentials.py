@@ -3,8 +3,9 @@
 s3:// uses the standard variables AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN /
 AWS_DEFAULT_REGION and FGID_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) for S3-compatible servers
 (SeaweedFS, MinIO, Ceph). With none set, botocore's own chain applies (profiles, instance
-roles). A Prefect Secret block can fill these variables (flows/secrets.py); storage itself never
-talks to Prefect. Nothing here is ever logged, and credentials never travel inside URLs.
+roles). A Prefect Secret block can fill these variables (flows/storage_secret.py); storage
+itself never talks to Prefect. Nothing here is ever logged, and credentials never travel inside
+URLs.
 """
 
 from __future__ import annotations

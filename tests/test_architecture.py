@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,16 @@ def test_cycle_detector_sees_a_loop_hidden_in_a_function(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    from fgid.captioning.run import CAPTIONS_DIR\n")
     assert "fgid.captioning.run" in fgid_imports(sample)
+
+
+def test_no_module_shadows_the_standard_library():
+    """Prefect puts a path entrypoint's folder (flows/serve.py -> flows/) on sys.path, and a
+    spawned process (a DataLoader worker) rebuilds its imports from that path: a flows/secrets.py
+    once hid the stdlib `secrets` there, the worker died importing huggingface_hub, and the
+    parent hung writing the worker's start-up data into a pipe nobody read."""
+    ours = {
+        path.stem if path.name != "__init__.py" else path.parent.name
+        for package in ("fgid", "flows", "storage", "training")
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert sorted(ours & set(sys.stdlib_module_names)) == []

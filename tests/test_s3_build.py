@@ -207,7 +207,7 @@ def test_secret_block_supplies_the_credentials(s3, prefect_server, monkeypatch):
         "from prefect.blocks.system import Secret\n"
         "Secret(value=json.loads(sys.argv[1])).save('fgid-s3-test', overwrite=True)\n"
         "import storage\n"
-        "from flows.secrets import load_storage_secret\n"
+        "from flows.storage_secret import load_storage_secret\n"
         "assert load_storage_secret()\n"
         "print(storage.read_text(sys.argv[2]))\n"
     )
