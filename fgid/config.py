@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +22,9 @@ class ConfigError(UsageError):
 
 
 def check_setting(model: type[BaseModel], dotted: str) -> None:
-    """Refuse `section.field` unless it names a setting of `model`, suggesting the nearest one."""
+    """Refuse `section.field` unless it names a setting of `model`, suggesting the nearest one.
+
+    Below a free-form mapping field (e.g. a generator's `options`) any name is accepted."""
     node: type[BaseModel] | None = model
     parts = dotted.split(".")
     for depth, part in enumerate(parts):
@@ -33,24 +38,39 @@ def check_setting(model: type[BaseModel], dotted: str) -> None:
             )
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown setting {dotted}{hint}")
-        annotation = fields[part].annotation
-        node = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
-        )
+        node = _section(fields[part].annotation)
+        if node is _MAPPING:
+            return
         if node is None and depth < len(parts) - 1:
             raise ConfigError(
                 f"unknown setting {dotted}: {'.'.join(parts[: depth + 1])} is a value"
             )
 
 
+_MAPPING = object()  # a dict-typed field: its keys are the user's
+
+
+def _section(annotation: object):
+    """The settings class a field holds (also inside `X | None`), _MAPPING for a dict, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if annotation is dict or origin in (dict, collections.abc.Mapping):
+        return _MAPPING
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section(arg)
+            if found is not None:
+                return found
+    return None
+
+
 def _all_settings(model: type[BaseModel], prefix: str = "") -> list[str]:
     names = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names += _all_settings(annotation, f"{prefix}{name}.")
+        section = _section(field.annotation)
+        if isinstance(section, type):
+            names += _all_settings(section, f"{prefix}{name}.")
         else:
             names.append(prefix + name)
     return names

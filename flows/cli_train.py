@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -220,7 +221,8 @@ def _print_evaluation(summary: list[dict], out: str) -> None:
     rows = evaluation_table(summary)
     table = Table(title=f"Evaluation {out}")
     for column in rows[0]:
-        table.add_column(column)
+        table.add_column(column, min_width=len(column))  # a metric's name is never cut
     for row in rows:
         table.add_row(*("n/a" if v is None else str(v) for v in row.values()))
-    Console().print(table)
+    # Piped into a file or a log, the table keeps every column rather than 80 characters.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)

@@ -71,8 +71,10 @@ def without_timings(data: bytes) -> dict:
 
 
 def assert_same_build(got_root: str, want_root: str) -> None:
-    # The dataset card (plots, written by the Prefect flow) is a report, not dataset content.
-    got, want = ({k: v for k, v in dataset_files(root).items() if not k.startswith("card/")}
+    # The dataset card (plots, written by the Prefect flow) is a report, not dataset content;
+    # so are the build records (builds/NNNN.json: when each build ran).
+    reports = ("card/", "builds/")
+    got, want = ({k: v for k, v in dataset_files(root).items() if not k.startswith(reports)}
                  for root in (got_root, want_root))  # fmt: skip
     assert sorted(got) == sorted(want)
     for rel, data in want.items():
@@ -88,7 +90,8 @@ def assert_no_partial_objects(root: str) -> None:
     for i in range(SHARDS):
         allowed |= {f"shards/{i:05d}.{ext}" for ext in ("tar", "parquet", "stats.json")}
     files = dataset_files(root)
-    assert {rel for rel in files if not rel.startswith("card/")} == allowed
+    assert {rel for rel in files if not rel.startswith(("card/", "builds/"))} == allowed
+    assert {rel for rel in files if rel.startswith("builds/")} == {"builds/0000.json"}
     for rel in (r for r in files if r.endswith(".tar")):
         with (
             storage.open_input(storage.join(root, rel)) as handle,

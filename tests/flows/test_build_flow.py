@@ -32,20 +32,30 @@ def tar_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in files}
 
 
-async def flow_run_report(api_url: str, flow_name: str):
+async def flow_run_report(api_url: str, flow_name: str, tag: str):
+    """The runs of `flow_name` tagged `tag` (the server is shared with other tests' builds),
+    their task runs and the artifacts, once the server has recorded them."""
     from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterTags,
+        TaskRunFilter,
+    )
 
     async with PrefectClient(api=api_url) as client:
         runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
         )
         tasks, artifacts = [], []
         for _ in range(60):  # the server records task runs asynchronously
             tasks = await client.read_task_runs(
                 task_run_filter=TaskRunFilter(flow_run_id={"any_": [r.id for r in runs]})
             )
-            artifacts = await client.read_artifacts()
+            ours = {r.id for r in runs}
+            artifacts = [a for a in await client.read_artifacts() if a.flow_run_id in ours]
             if len(tasks) >= 4 and len(artifacts) >= 9 and all(t.state.is_final() for t in tasks):
                 break
             await asyncio.sleep(0.5)
@@ -59,7 +69,9 @@ def test_build_flow_on_a_real_server(prefect_server, demo_inputs, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "shard 00000: 4 inputs" in done.stderr + done.stdout
 
-    runs, tasks, artifacts = asyncio.run(flow_run_report(prefect_server.api_url, "fgid-build"))
+    runs, tasks, artifacts = asyncio.run(
+        flow_run_report(prefect_server.api_url, "fgid-build", "dataset:celeb-demo")
+    )
     assert [r.name for r in runs] == ["build-celeb-demo-lite"]
     assert runs[0].state.is_completed()
     run_tags = {"fgid", "build", "dataset:celeb-demo", "models:lite"}

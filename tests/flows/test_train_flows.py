@@ -48,7 +48,7 @@ def consistentid_config(dataset, base_model, out, max_steps=2) -> dict:
 
 
 def faceclip_config(dataset, tiny_sdxl, tiny_clip, out, stage="align", **extra):
-    from training.faceclip.config import FaceViTConfig, FusionConfig
+    from training.faceclip.config import FaceViTConfig, TowerConfig
     from training.faceclip.train import FaceCLIPTrainConfig
 
     return FaceCLIPTrainConfig(
@@ -57,11 +57,25 @@ def faceclip_config(dataset, tiny_sdxl, tiny_clip, out, stage="align", **extra):
         base_model=str(tiny_sdxl),
         image_model=str(tiny_clip),
         face_vit=FaceViTConfig.tiny(),
-        fusion=FusionConfig.tiny(),
+        towers=[TowerConfig.tiny(32), TowerConfig.tiny(64)],
         loader={"batch_size": 2, "resolution": 32, "clip_size": 32, "workers": 0},
         train={"output_dir": str(out), "max_steps": 2, "mixed_precision": "no", "log_every": 1},
         **extra,
     )
+
+
+def facenet_weights(out) -> Path:
+    """FaceNet's file layout (facenet-pytorch's InceptionResnetV1 names) with random weights."""
+    import torch
+
+    from training.evaluation.facenet import InceptionResnetV1
+
+    path = Path(out).parent / "facenet-random.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(InceptionResnetV1().state_dict(), path)
+    return path
 
 
 def evaluate_config(dataset, out, tiny_clip, tiny_dino, generator: dict, **extra):
@@ -75,6 +89,7 @@ def evaluate_config(dataset, out, tiny_clip, tiny_dino, generator: dict, **extra
             "clip": str(tiny_clip),
             "dino": str(tiny_dino),
             "faces": {"set": "lite"},
+            "facenet": str(facenet_weights(out)),
             "fid": "dino",
             "device": "cpu",
         },

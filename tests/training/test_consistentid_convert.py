@@ -13,7 +13,6 @@ from tests.training.consistentid_release import MANIFEST, PROCESSORS
 from tests.training.test_consistentid_model import ID_DIM, TINY, make_batch
 from training.consistentid.config import ModelOptions
 from training.consistentid.convert import (
-    check_state,
     from_reference,
     processor_order,
     release_shape,
@@ -23,6 +22,7 @@ from training.consistentid.convert import (
 )
 from training.consistentid.model import ConsistentID
 from training.consistentid.release import load_release, load_release_into
+from training.state_dicts import check_state
 from training.text import facial_token_id
 
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from tests.training import faceclip_release as release
 from training.faceclip.config import EncoderConfig, FaceViTConfig, FuserConfig, TowerConfig
 from training.faceclip.convert import (
-    check_state,
     from_reference,
     load_reference,
     read_release,
@@ -19,6 +18,7 @@ from training.faceclip.convert import (
 from training.faceclip.deform_attn import MultiScaleDeformableAttention, reference_points
 from training.faceclip.encoder import FaceCLIPEncoder
 from training.faceclip.fuser import BiAttention
+from training.state_dicts import check_state
 
 
 @pytest.fixture(scope="module")

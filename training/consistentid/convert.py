@@ -234,18 +234,3 @@ def skeleton(shape: ReleaseShape) -> nn.Module:
             }
         )
     return root
-
-
-def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-    """Raise ValueError (one line) unless `state` has exactly `expected`'s keys and shapes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        found = (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        problems = [f"{label}: {', '.join(items)}" for label, items in found if items]
-        raise ValueError("; ".join(problems))

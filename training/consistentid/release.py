@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from training.consistentid.convert import (
-    check_state,
     from_reference,
     release_shape,
     skeleton,
@@ -17,6 +16,7 @@ from training.consistentid.convert import (
 )
 from training.consistentid.model import VIT_H
 from training.consistentid.pipeline import CONFIG, WEIGHTS, find_config, find_weights
+from training.state_dicts import check_state
 
 RELEASE_ID_DIM = 512  # insightface buffalo_l embeddings
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from training.faceclip.config import RELEASE_PREFIXES
+from training.state_dicts import check_state
 
 OURS = "towers"
 
@@ -42,22 +43,6 @@ def to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise ValueError(f"{key!r} is not a key of a two-tower FaceCLIP encoder")
         out[f"{RELEASE_PREFIXES[int(index)]}.{rest}"] = value
     return out
-
-
-def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-    """Raise with the first differences unless `state` has exactly the expected keys and shapes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}), {len(shapes)} of another shape (e.g. {shapes[:3]})"
-        )
 
 
 def read_release(path: str | Path) -> dict[str, torch.Tensor]:
