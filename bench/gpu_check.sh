@@ -31,7 +31,7 @@ if [ "$DRY" = 1 ]; then
   ENV_LIMIT=60
   LIMITS=(300 300 300 300)
   GPU_BENCH=(--device cpu --models tiny --images 8 --batch-size 4 --caption-images 4)
-  TRAIN=(--device cpu --steps 3 --warmup 1 --images 24)
+  TRAIN=(--device cpu --steps 2 --warmup 1 --images 12)
   RUNTIME=(--device cpu --models tiny --repeats 1)
 else
   PY=(python3)

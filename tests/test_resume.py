@@ -86,7 +86,6 @@ KILL_POINTS = {
     "while-loading-models": lambda out: (out / "build.json").exists(),
     "mid-shard": writing_a_shard,
     "after-1-shard": lambda out: stats_count(out) >= 1,
-    "after-3-shards": lambda out: stats_count(out) >= 3,
 }
 
 
