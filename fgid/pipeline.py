@@ -184,12 +184,12 @@ def plan_changes(recorded: list[ShardPlan], plans: list[ShardPlan]) -> str:
     before = {i.key: (p.shard_id, i) for p in recorded for i in p.items}
     now = {i.key: (p.shard_id, i) for p in plans for i in p.items}
     added, missing = len(now.keys() - before.keys()), len(before.keys() - now.keys())
-    parts = [f"{added} inputs added"] if added else []
+    parts = [f"{added} input{'s' * (added != 1)} added"] if added else []
     parts += [f"{missing} missing"] if missing else []
     if parts:
         return ", ".join(parts) + " since the first run"
     moved = sum(before[k] != now[k] for k in now)
-    return f"{moved} inputs in other shards or with other labels than in the first run"
+    return f"{moved} input{'s' * (moved != 1)} in other shards or with other labels than at first"
 
 
 def shard_done(out_dir: str, shard_id: int) -> bool:

@@ -143,7 +143,7 @@ def test_refusals_point_at_append(tmp_path, grown, demo_inputs, lite_models):
     shutil.copytree(out, copy)
     extra = tmp_path / "more.txt"
     extra.write_text(str(demo_inputs / "astronaut.png") + "\n")  # another path: another input
-    with pytest.raises(OutputMismatch, match="1 inputs added") as error:
+    with pytest.raises(OutputMismatch, match="1 input added") as error:
         build([str(folder), str(extra)], str(copy), config, lite_models)
     assert "--append" in str(error.value)
     with pytest.raises(OutputMismatch, match="another configuration"):

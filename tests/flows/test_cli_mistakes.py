@@ -97,3 +97,23 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(case, place, capsys):
 def test_debug_shows_the_traceback(place):
     with pytest.raises(Exception, match="input not found"):
         run_cli(app, ["build", f"{place['tmp']}/phots", "--out", f"{place['tmp']}/o", "--debug"])
+
+
+def test_a_rerun_with_other_inputs_says_what_changed_and_what_to_do(place, capsys):
+    import shutil
+
+    photos = Path(place["tmp"], "photos")
+    shutil.copytree(place["photos"], photos)
+    out = f"{place['tmp']}/built"
+    args = ["build", str(photos), "--out", out, "--models", "lite", "--no-prefect"]
+    assert run_cli(app, args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    shutil.copy(photos / "astronaut.png", photos / "astronaut again.png")
+    (photos / "grace_hopper.jpg").unlink()
+    before = listing(out)
+    code = run_cli(app, args)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1, lines
+    assert "1 input added, 1 missing since the first run" in lines[0]
+    assert "use a new --out" in lines[0] and "--append" in lines[0]
+    assert listing(out) == before
