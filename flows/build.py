@@ -32,7 +32,7 @@ from fgid.pipeline import (
 from fgid.schema import shard_name
 from fgid.status import recording
 from flows.build_artifacts import BuildReport, artifact_key, dataset_name, publish_summary
-from flows.retries import describe, retry_transient
+from flows.retries import SHARD_RETRIES, describe
 from flows.run_logs import send_fgid_logs
 from flows.storage_secret import load_storage_secret
 
@@ -44,14 +44,8 @@ class ShardsFailed(FailureError):
 
 
 # Only errors that can clear up are retried (flows/retries.py): a lost connection, a throttled
-# object store. botocore absorbs short storage outages itself; these cover longer ones (~45 s).
-@task(
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    log_prints=False,
-)
+# object store.
+@task(**SHARD_RETRIES, cache_policy=NO_CACHE, log_prints=False)
 def build_shard(plan: ShardPlan, out_dir: str, config: BuildConfig) -> dict:
     """Process one shard, or report it as already done (a retry after a crash at commit).
 

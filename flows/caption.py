@@ -26,20 +26,14 @@ from fgid.config import BuildConfig
 from fgid.dataset import Dataset
 from flows.build import tag_flow_run
 from flows.build_artifacts import artifact_key, dataset_name
-from flows.retries import describe, retry_transient
+from flows.retries import SHARD_RETRIES, describe
 from flows.run_logs import send_fgid_logs
 from flows.storage_secret import load_storage_secret
 
 
 # As build_shard: only errors that can clear up are retried. A retry resumes from the shard's
 # caption journal, so it captions only what the failed try had not.
-@task(
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    log_prints=False,
-)
+@task(**SHARD_RETRIES, cache_policy=NO_CACHE, log_prints=False)
 def caption_shard(dataset: str, shard_id: int, config: BuildConfig, run: CaptionRun) -> dict:
     """Caption one shard for `run`, or report it done (a retry after a crash at commit)."""
     send_fgid_logs()

@@ -115,3 +115,12 @@ def retry_transient(task, task_run, state) -> bool:
 
     get_run_logger().warning("not retried, it cannot clear up by itself: %s", describe(exc))
     return False
+
+
+# The retry settings of every shard task: only what can clear up, three times (~45 s in all;
+# botocore absorbs short storage outages itself, these cover longer ones).
+SHARD_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": retry_transient,
+}
