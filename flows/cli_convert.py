@@ -49,18 +49,11 @@ def consistentid(
     """ConsistentID: `--from-reference FILE --out DIR` or `--to-reference DIR --out FILE`."""
     from training.consistentid.release import folder_to_release, release_to_folder
 
-    if (from_reference is None) == (to_reference is None):
-        raise typer.BadParameter("give exactly one of --from-reference FILE or --to-reference DIR")
-    try:
-        if from_reference is not None:
-            written = release_to_folder(from_reference, out, base_model=base_model)
-        else:
-            written = folder_to_release(to_reference, out)
-    except (ValueError, FileNotFoundError) as error:  # a file that is not, or does not fit
-        raise typer.BadParameter(
-            str(error), param_hint="--from-reference / --to-reference"
-        ) from None
-    console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+    _convert(
+        from_reference, to_reference,
+        lambda: release_to_folder(from_reference, out, base_model=base_model),
+        lambda: folder_to_release(to_reference, out),
+    )  # fmt: skip
 
 
 @convert_app.command("faceclip")
@@ -87,14 +80,20 @@ def faceclip(
     """FaceCLIP encoder: `--from-reference FILE --out DIR` or `--to-reference DIR --out FILE`."""
     from training.faceclip.release import export_to_release, release_to_export
 
+    _convert(
+        from_reference, to_reference,
+        lambda: release_to_export(from_reference, out),
+        lambda: export_to_release(to_reference, out),
+    )  # fmt: skip
+
+
+def _convert(from_reference, to_reference, read_release, write_release) -> None:
+    """Exactly one direction; a file that is not a checkpoint, or does not fit, is one line."""
     if (from_reference is None) == (to_reference is None):
         raise typer.BadParameter("give exactly one of --from-reference FILE or --to-reference DIR")
     try:
-        if from_reference is not None:
-            written = release_to_export(from_reference, out)
-        else:
-            written = export_to_release(to_reference, out)
-    except (ValueError, FileNotFoundError) as error:  # a file that is not, or does not fit
+        written = read_release() if from_reference is not None else write_release()
+    except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(
             str(error), param_hint="--from-reference / --to-reference"
         ) from None
