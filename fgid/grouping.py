@@ -6,11 +6,12 @@ it starts a new identity. It runs once over all shards at finalize time, so the 
 always give the same identities, whichever shard or worker produced them.
 
 Scaling (ARCHITECTURE.md, "Identity threshold"): samples go in blocks of BLOCK. Each block is
-searched at once against the centroids as they stood before it (faiss kNN, CANDIDATES per
-sample); inside the block, samples are resolved one by one against those candidates and,
-exactly, against every centroid the block itself changed or created. With the full-dimensional
-search this is the leader algorithm exactly; above EXACT_UP_TO samples the search runs in a
-PROJECTED_DIM projection (cost k/d) and its candidates are re-ranked exactly.
+searched at once against the centroids as they stood before it (CANDIDATES per sample);
+inside the block, samples are resolved one by one against those candidates, re-ranked exactly,
+and, exactly, against every centroid the block itself changed or created. With the exact float
+search this is the leader algorithm exactly; above EXACT_UP_TO samples (cosine only) the block
+search compares CODE_BITS-bit sign codes instead (ann.HammingTable), about 20x cheaper per
+pair, so the candidates are approximate and the decisions still exact distances.
 
 Thresholds (GroupConfig documents and overrides them):
 - dlib 128-d descriptors: euclidean 0.6 — dlib's own "same person" threshold (99.38% on LFW).
@@ -34,9 +35,8 @@ DEFAULTS = {
 }
 BLOCK = 256  # samples searched together; the in-block exact part grows with it
 CANDIDATES = 16  # centroids per sample from the block search, re-ranked exactly
-EXACT_UP_TO = 50_000  # samples clustered with the full-dimensional (exact) search
-PROJECTED_DIM = 128
-PROJECTION_SAMPLE = 65_536  # rows the projection is fitted on
+EXACT_UP_TO = 50_000  # samples clustered with the exact float search
+CODE_BITS = 512  # sign-code length of the approximate search (ann.HammingTable)
 SMALL_GROUP = 64  # near duplicates: identities up to this size are compared in batches
 EXACT_GROUP = 20_000  # larger identities use a kNN search within the identity
 NEAR_NEIGHBOURS = 32
@@ -71,11 +71,13 @@ def distances(vectors: np.ndarray, points: np.ndarray, metric: str) -> np.ndarra
 class _Centroids:
     """Running sums and counts per identity, and the search table of their centroids."""
 
-    def __init__(self, dim: int, cosine: bool, basis: np.ndarray | None) -> None:
+    def __init__(self, dim: int, cosine: bool, exact: bool) -> None:
         self.cosine = cosine
-        self.sums = ann.Rows(dim)
+        # float64 sums make the exact search equal the one-by-one algorithm; the approximate
+        # one is not bit-exact anyway, and float32 halves the largest table (1 GB at 200k).
+        self.sums = ann.Rows(dim, np.float64 if exact else np.float32)
         self.counts = np.zeros(1024, np.int64)
-        self.table = ann.VectorTable(dim, cosine, basis)
+        self.table = ann.VectorTable(dim, cosine) if exact else ann.HammingTable(dim, CODE_BITS)
 
     def __len__(self) -> int:
         return self.sums.size
@@ -131,33 +133,30 @@ def cluster(
     *,
     exact: bool | None = None,
     seed: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Leader clustering in row order -> identity per row (0, 1, ... in order of first use).
 
+    `rows` clusters only those rows of `embeddings`, in that order (one label per row given),
+    without copying them out: at a million 512-d faces a copy is 2 GB.
+
     `seed` (sums (k, D), counts (k,)) starts from k identities already made, as the clustering
     of earlier rows left them: ids 0..k-1 are those, new ones follow from k.
-    `exact=None` picks the exact search up to EXACT_UP_TO rows, the projected one above."""
+    `exact=None` picks the exact search up to EXACT_UP_TO rows, sign codes above (cosine only:
+    the codes estimate angles, not euclidean distances)."""
     x = np.asarray(embeddings, np.float32)
-    n, dim = x.shape
+    n, dim = (len(x) if rows is None else len(rows)), x.shape[1]
     labels = np.empty(n, np.int64)
     cosine = metric == "cosine"
     seeded = 0 if seed is None else int(seed[1].sum())
     if exact is None:
-        exact = n + seeded <= EXACT_UP_TO or dim <= PROJECTED_DIM
-    basis = None
-    if not exact and n:
-        sample = x[np.linspace(0, n - 1, min(n, PROJECTION_SAMPLE)).astype(np.int64)]
-        if seeded:  # the projection must serve the centroids searched as well
-            pick = np.linspace(0, len(seed[1]) - 1, min(len(seed[1]), PROJECTION_SAMPLE))
-            pick = pick.astype(np.int64)
-            centroids = seed[0][pick] / seed[1][pick][:, None]
-            sample = np.concatenate([sample, centroids.astype(np.float32)])
-        basis = ann.projection(unit(sample) if cosine else sample, PROJECTED_DIM)
-    state = _Centroids(dim, cosine, basis)
+        exact = n + seeded <= EXACT_UP_TO
+    state = _Centroids(dim, cosine, exact or not cosine)
     if seeded:
         state.seed(*seed)
     for start in range(0, n, BLOCK):
-        raw = x[start : start + BLOCK].astype(np.float64)
+        block = slice(start, start + BLOCK) if rows is None else rows[start : start + BLOCK]
+        raw = x[block].astype(np.float64)
         labels[start : start + len(raw)] = _cluster_block(raw, state, threshold, exact)
     return labels
 
@@ -307,7 +306,7 @@ def assign(
     cluster_names = pa.array([], pa.string())
     if len(todo):
         seed, seed_names = _seed(old_names, old_sources, embeddings)
-        clusters = cluster(embeddings[todo], metric, threshold, seed=seed)
+        clusters = cluster(embeddings, metric, threshold, seed=seed, rows=todo)
         # Named after the first member's key, not a running number: the name stays the same
         # when other identities are removed (takedowns) or added, and it never collides.
         # New ids follow the seeds without gaps, in order of first use.

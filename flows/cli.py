@@ -27,7 +27,7 @@ from flows.cli_convert import convert_app
 from flows.cli_models import models_app
 from flows.cli_publish import publish_cmd
 from flows.cli_server import server_app
-from flows.cli_train import evaluate_cmd, train_app
+from flows.cli_train import evaluate_cmd, evaluate_table_cmd, train_app
 
 app = typer.Typer(
     help="Build FGID-style fine-grained face datasets (webdataset shards + Parquet index).",
@@ -498,6 +498,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(convert_app, name="convert")
 app.command("publish")(publish_cmd)
 app.command("evaluate")(evaluate_cmd)
+app.command("evaluate-table")(evaluate_table_cmd)
 
 
 def main() -> None:

@@ -216,13 +216,54 @@ def evaluate_cmd(
 
 
 def _print_evaluation(summary: list[dict], out: str) -> None:
-    from flows.train import evaluation_table
+    from training.evaluation.run import table_rows
 
-    rows = evaluation_table(summary)
-    table = Table(title=f"Evaluation {out}")
+    _print_table(table_rows(summary), f"Evaluation {out}")
+
+
+def _print_table(rows: list[dict], title: str) -> None:
+    table = Table(title=escape(title))
     for column in rows[0]:
         table.add_column(column, min_width=len(column))  # a metric's name is never cut
     for row in rows:
-        table.add_row(*("n/a" if v is None else str(v) for v in row.values()))
+        table.add_row(*("n/a" if v is None else escape(str(v)) for v in row.values()))
     # Piped into a file or a log, the table keeps every column rather than 80 characters.
     Console(width=None if sys.stdout.isatty() else 240).print(table)
+
+
+def evaluate_table_cmd(
+    runs: Annotated[
+        list[str],
+        typer.Argument(help="Output folders of fgid evaluate (or s3:// URLs): one row each."),
+    ],
+    category: Annotated[
+        str, typer.Option(help="Compare this prompt category's rows; default all prompts.")
+    ] = "all",
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", "-o", help="Also write the table: FILE.md, FILE.csv or FILE.parquet."
+        ),
+    ] = None,
+) -> None:
+    """Put several evaluations side by side, one row per run (a model of ours, a release, the
+    text-only baseline): CLIP-T, CLIP-I, DINO, FaceSim, FaceSim-ArcFace, FGIS, FID, s/image."""
+    from flows.storage_secret import load_storage_secret
+    from storage.credentials import check_url
+    from training.evaluation.compare import LABELS, compare_runs, write_comparison
+    from training.evaluation.run import table_rows
+
+    load_storage_secret()
+    try:
+        for url in [*runs, *([out] if out else [])]:
+            check_url(url)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="RUNS / --out") from None
+    comparison = compare_runs(runs, category)
+    if out:  # a wrong suffix is refused before anything is shown
+        write_comparison(comparison, out)
+    _print_table(table_rows(comparison.rows, LABELS), comparison.title)
+    for note in comparison.notes:
+        console.print(f"[yellow]not comparable:[/] {escape(note)}", highlight=False)
+    if out:
+        console.print(f"wrote {escape(out)}", highlight=False)

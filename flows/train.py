@@ -7,7 +7,6 @@ way without Prefect (`fgid train ... --no-prefect`, `fgid evaluate ... --no-pref
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -23,18 +22,10 @@ from flows.storage_secret import load_storage_secret
 from training.checkpoints import FINAL_DIR
 from training.consistentid.train import ConsistentIDTrainConfig
 from training.evaluation.config import EvaluateConfig, GeneratorConfig
-from training.evaluation.run import SUMMARY_COLUMNS, TITLES, summary_markdown
+from training.evaluation.run import PER_IMAGE, rounded, summary_markdown, table_rows
 from training.faceclip.train import FaceCLIPTrainConfig
 from training.loop import TrainResult
 from training.preflight import CONSISTENTID_ID_DIM, DatasetUnusable, check_evaluation
-
-
-def _finite(value: float | None, digits: int = 2) -> float | None:
-    # The API stores JSON, which has no NaN: an unmeasured value is shown empty.
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return round(float(value), digits)
-
 
 # --- evaluation ------------------------------------------------------------------------------
 
@@ -61,18 +52,6 @@ def evaluate_generator(config: EvaluateConfig) -> dict:
     }
 
 
-def evaluation_table(summary: list[dict]) -> list[dict]:
-    """The summary rows as the artifact shows them: paper column names, two decimals."""
-    return [
-        {
-            "category": row["category"],
-            "images": row["images"],
-            **{TITLES[c]: _finite(row[c]) for c in SUMMARY_COLUMNS},
-        }
-        for row in summary
-    ]
-
-
 def _evaluate_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -91,13 +70,13 @@ def evaluate(config: EvaluateConfig) -> dict:
     result = evaluate_generator.with_options(task_run_name=f"evaluate-{name}")(config)
     title = f"Evaluation of {config.generator.kind} on {dataset}"
     create_table_artifact(
-        evaluation_table(result["summary"]),
+        table_rows(result["summary"]),
         key=artifact_key("evaluation-table", config.out_dir),
         description=title,
     )
     create_markdown_artifact(
         summary_markdown(result["summary"], title)
-        + f"\nPer-image table: `{storage.join(config.out_dir, 'per_image.parquet')}`\n",
+        + f"\nPer-image table: `{storage.join(config.out_dir, PER_IMAGE)}`\n",
         key=artifact_key("evaluation", config.out_dir),
         description=title,
     )
@@ -116,11 +95,11 @@ def train_report(result: TrainResult) -> dict:
     report = {
         "step": result.step,
         "start_step": result.start_step,
-        "final_loss": _finite(losses[-1], 6) if losses else None,
-        "recent_loss": _finite(sum(recent) / len(recent), 6) if recent else None,
-        "samples_per_second": _finite(result.samples_per_second, 3),
-        "loader_wait_fraction": _finite(result.loader_wait_fraction, 4),
-        "seconds": _finite(result.seconds, 1),
+        "final_loss": rounded(losses[-1], 6) if losses else None,
+        "recent_loss": rounded(sum(recent) / len(recent), 6) if recent else None,
+        "samples_per_second": rounded(result.samples_per_second, 3),
+        "loader_wait_fraction": rounded(result.loader_wait_fraction, 4),
+        "seconds": rounded(result.seconds, 1),
         "final_dir": str(result.final_dir) if result.final_dir else None,
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
     }

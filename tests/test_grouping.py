@@ -291,7 +291,7 @@ def test_near_duplicates_in_a_huge_identity_use_a_knn_search(monkeypatch):
     assert found[100:].tolist() == list(range(100)) and (found[:100] == -1).all()
 
 
-def test_projected_search_agrees_with_exact_on_20k_faces():
+def test_sign_code_search_agrees_with_exact_on_20k_faces():
     faces, truth = synthetic_faces(4000, 5, seed=7)
     exact = grouping.cluster(faces, "cosine", 0.6, exact=True)
     approx = grouping.cluster(faces, "cosine", 0.6, exact=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from flows.cli import app
@@ -13,17 +14,18 @@ from training.consistentid.convert import (
     ReleaseShape,
     processor_order,
     sd15_processors,
+    sdxl_processors,
     skeleton,
     to_reference,
 )
 
 
-def small_release() -> dict:
-    """SD 1.5's 32 attention layers at small widths, in the released dict layout."""
+def small_release(processors: list[str] | None = None) -> dict:
+    """SD 1.5's 32 attention layers (or `processors`) at small widths, in the released layout."""
     hidden = {"down_blocks.0": 8, "down_blocks.1": 16, "down_blocks.2": 32, "mid_block": 32}
-    hidden |= {"up_blocks.1": 32, "up_blocks.2": 16, "up_blocks.3": 8}
+    hidden |= {"up_blocks.0": 32, "up_blocks.1": 32, "up_blocks.2": 16, "up_blocks.3": 8}
     layers = []
-    for name in sd15_processors():
+    for name in processors or sd15_processors():
         size = hidden[name.split(".attentions")[0]]
         cross = name.endswith("attn2")
         layers.append((name, size, 16 if cross else size, cross))
@@ -88,3 +90,32 @@ def test_bad_files_fail_in_one_line(tmp_path):
     assert result.exit_code == 2 and "not a torch checkpoint" in result.output
     assert result.output.strip().count("\n") == 0
     assert run("--out", tmp_path / "o").exit_code == 2
+
+
+def test_the_sdxl_release_is_named_and_refused_in_one_line(tmp_path):
+    """Its tensors convert in memory, but there is no SDXL ConsistentID here to write a folder
+    for: the file is named as what it is, not as a broken SD 1.5 release."""
+    from training.consistentid.convert import from_reference, release_variant
+
+    release = small_release(sdxl_processors())
+    assert release_variant(release) == "sdxl"
+    ours = from_reference(release)  # SDXL's layer names, read from the file's 140 processors
+    assert (
+        "adapters.mid_block/attentions/0/transformer_blocks/9/attn2/processor.to_k_ip.weight"
+        in ours
+    )
+    back = to_reference(ours)
+    assert {g: back[g].keys() for g in back} == {g: release[g].keys() for g in release}
+    assert all(torch.equal(back[g][k], release[g][k]) for g in release for k in release[g])
+    torch.save(release, tmp_path / "ConsistentID_SDXL-v1.bin")
+    result = run("--from-reference", tmp_path / "ConsistentID_SDXL-v1.bin", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
+    assert "SDXL release (140 attention layers)" in result.output and "SD 1.5 only" in result.output
+    assert not (tmp_path / "o").exists()
+    # fgid evaluate refuses it the same way, before any base model loads.
+    from training.consistentid.release import SDXLRelease
+    from training.evaluation.config import GeneratorConfig, load_generator
+
+    weights = str(tmp_path / "ConsistentID_SDXL-v1.bin")
+    with pytest.raises(SDXLRelease, match="SD 1.5 only"):
+        load_generator(GeneratorConfig(kind="consistentid", base_model="no-such", weights=weights))

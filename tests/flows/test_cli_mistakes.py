@@ -69,6 +69,10 @@ CASES = {
         ["evaluate", "{tmp}/plain", "--out", "{tmp}/eval", "--no-prefect"],
         "not a finished",
     ),
+    "tabulate a plain folder": (
+        ["evaluate-table", "{tmp}/plain", "--out", "{tmp}/table.md"],
+        "not an fgid evaluate output",
+    ),
 }  # fmt: skip
 
 

@@ -45,3 +45,16 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dino(tmp_path_factory):
     return tiny_models.build_tiny_dino(tmp_path_factory.mktemp("tiny-dino"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
+    threads' spin-waits can make each step many times slower: a module asks for one thread
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.training import consistentid_sdxl_release as sdxl
 from tests.training.consistentid_release import MANIFEST, PROCESSORS
 from tests.training.test_consistentid_model import ID_DIM, TINY, make_batch
 from training.consistentid.config import ModelOptions
@@ -16,7 +17,9 @@ from training.consistentid.convert import (
     from_reference,
     processor_order,
     release_shape,
+    release_variant,
     sd15_processors,
+    sdxl_processors,
     skeleton,
     to_reference,
 )
@@ -25,20 +28,18 @@ from training.consistentid.release import load_release, load_release_into
 from training.state_dicts import check_state
 from training.text import facial_token_id
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def released_meta() -> dict:
-    """The released checkpoint's layout as meta tensors (shapes, no memory)."""
+def released_meta(manifest: dict = MANIFEST) -> dict:
+    """A released checkpoint's layout as meta tensors (shapes, no memory)."""
     return {
-        g: {k: torch.empty(s, device="meta") for k, s in m.items()} for g, m in MANIFEST.items()
+        g: {k: torch.empty(s, device="meta") for k, s in m.items()} for g, m in manifest.items()
     }
+
+
+def shapes(release: dict) -> dict:
+    return {g: {k: tuple(v.shape) for k, v in release[g].items()} for g in release}
 
 
 def test_the_released_layout_loads_strictly_into_ours_and_converts_back_exactly():
@@ -53,7 +54,52 @@ def test_the_released_layout_loads_strictly_into_ours_and_converts_back_exactly(
     module = skeleton(shape)
     module.load_state_dict(ours, strict=True)
     back = to_reference(module.state_dict())
-    assert {g: {k: tuple(v.shape) for k, v in back[g].items()} for g in back} == MANIFEST
+    assert shapes(back) == MANIFEST
+
+
+SD15_HIDDEN = {"down_blocks.0": 320, "down_blocks.1": 640, "down_blocks.2": 1280, "mid_block": 1280}
+SD15_HIDDEN |= {"up_blocks.1": 1280, "up_blocks.2": 640, "up_blocks.3": 320}
+
+
+def test_the_sdxl_release_layout_is_told_apart_and_converts_back_exactly():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # SDXL base's UNet, shapes only
+        unet = UNet2DConditionModel(**sdxl.UNET_CONFIG)
+    names = [name.removesuffix(".processor") for name in unet.attn_processors]
+    assert sdxl_processors() == names and len(names) == 140
+    for name in names:  # the manifest's widths are the UNet's
+        attn, hidden = unet.get_submodule(name), sdxl.HIDDEN[name.split(".attentions")[0]]
+        context = sdxl.CROSS_ATTENTION_DIM if name.endswith("attn2") else hidden
+        assert (attn.to_q.out_features, attn.to_k.in_features) == (hidden, context), name
+    # The adapter key rule gives the SD 1.5 release's keys and shapes, as listed one by one.
+    assert sdxl.adapter_modules(list(PROCESSORS), SD15_HIDDEN, 768) == MANIFEST["adapter_modules"]
+
+    manifest = {
+        "image_proj": sdxl.IMAGE_PROJ,
+        "adapter_modules": sdxl.adapter_modules(names, sdxl.HIDDEN, sdxl.CROSS_ATTENTION_DIM),
+        "FacialEncoder": sdxl.FACIAL_ENCODER,
+    }
+    release = released_meta(manifest)
+    release["image_proj_model"] = release.pop("image_proj")  # the SDXL pipeline's group name
+    assert release_variant(release) == "sdxl" and release_variant(released_meta()) == "sd15"
+    shape = release_shape(release)
+    assert (shape.id_dim, shape.clip_dim, shape.width) == (512, 1280, 2048)
+    assert shape.options == ModelOptions(facial_dim=1024)
+    assert [p[0] for p in shape.processors] == names
+    module = skeleton(shape)
+    module.load_state_dict(from_reference(release), strict=True)
+    assert shapes(to_reference(module.state_dict())) == manifest
+    with pytest.raises(ValueError, match="140 attention processors, the UNet has 32"):
+        from_reference(release, sd15_processors())
+    del (
+        release["adapter_modules"]["139.to_v_ip.weight"],
+        release["adapter_modules"]["139.to_k_ip.weight"],
+    )
+    for key in [k for k in release["adapter_modules"] if k.startswith("139.")]:
+        del release["adapter_modules"][key]
+    with pytest.raises(ValueError, match="139 attention processors, no released UNet"):
+        from_reference(release)
 
 
 def tiny_model(tiny_sd15, **options) -> ConsistentID:

@@ -1,5 +1,6 @@
 """An evaluation run end to end: the text-only baseline on a tiny SD 1.5 over references from a real
-lite build; tables written, reruns resume image by image."""
+lite build; tables written, reruns resume image by image. A file in the released ConsistentID
+format evaluated as it is, and runs put side by side in one table."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counting:
@@ -140,3 +143,163 @@ def test_run_evaluation_from_a_config(built_dataset, tiny_sd15, tiny_clip, tiny_
     assert [r["prompt_index"] for r in result.per_image] == [10, 11]
     assert repr(read_summary(config.out_dir)) == repr(result.summary)  # NaN FID: one reference
     assert [s["category"] for s in result.summary] == ["all", "background"]
+
+
+# -- a released checkpoint evaluated directly, and several runs in one table ------------------
+
+SAMPLING = {"device": "cpu", "steps": 2, "merge_step": 1, "height": 32, "width": 32}
+
+
+def _config(dataset, out, **generator):
+    from training.evaluation.config import EvaluateConfig
+
+    return EvaluateConfig(
+        dataset_url=str(dataset),
+        out_dir=str(out),
+        generator=generator,
+        identities=2,
+        categories=["clothing", "style"],
+        per_category=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def released(tiny_sd15, built_dataset, metric_models, tmp_path_factory):
+    """A tiny ConsistentID written as the released dict (image_proj, adapter_modules,
+    FacialEncoder) and evaluated from that file: (model, generator, result)."""
+    import torch
+
+    from training.consistentid.config import ModelOptions
+    from training.consistentid.convert import to_reference
+    from training.consistentid.model import ConsistentID
+    from training.evaluation.config import load_generator
+    from training.evaluation.run import run_evaluation
+
+    torch.manual_seed(0)
+    # dim_head stays the release's 64, which its shapes do not record; id_dim is the build's.
+    options = ModelOptions(lora_rank=4, id_depth=1, facial_depth=1)
+    model = ConsistentID.from_pretrained(str(tiny_sd15), 128, options=options)
+    with torch.no_grad():  # LoRA ups start at zero: make every tensor count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("released")
+    torch.save(to_reference(model.state_dict()), folder / "ConsistentID-v1.bin")
+    config = _config(
+        built_dataset, folder / "eval-cid-release", kind="consistentid",
+        base_model=str(tiny_sd15), weights=str(folder / "ConsistentID-v1.bin"), options=SAMPLING,
+    )  # fmt: skip
+    generator = load_generator(config.generator)
+    return model, generator, run_evaluation(config, generator, metric_models)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(baseline, built_dataset, metric_models, tmp_path_factory):
+    from training.evaluation.run import run_evaluation
+
+    out = tmp_path_factory.mktemp("eval") / "eval-text-only"
+    return run_evaluation(_config(built_dataset, out), baseline, metric_models)
+
+
+def test_a_released_consistentid_file_is_evaluated_as_it_is(released):
+    import torch
+
+    model, generator, result = released
+    assert generator.name == "consistentid-release"
+    expected, loaded = model.state_dict(), generator.model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)  # the file's weights
+    assert result.generated == 4 and result.reused == 0
+    assert {r["generator"] for r in result.per_image} == {"consistentid-release"}
+    assert [(s["category"], s["images"]) for s in result.summary] == [
+        ("all", 4),
+        ("clothing", 2),
+        ("style", 2),
+    ]
+    for row in result.per_image:
+        assert -100 <= row["clip_t"] <= 100 and row["seconds"] > 0
+
+
+def test_runs_side_by_side_in_one_table(released, baseline_run, tmp_path, capsys):
+    from flows.cli import app
+    from flows.cli_common import run_cli
+    from training.evaluation.compare import compare_runs
+    from training.evaluation.run import SUMMARY_COLUMNS
+
+    (_, _, release), ours = released, baseline_run
+    table = compare_runs([release.out_dir, ours.out_dir])
+    assert table.notes == []  # the same references, prompts, seed and metric models
+    assert [(r["run"], r["generator"], r["images"]) for r in table.rows] == [
+        ("eval-cid-release", "consistentid-release", 4),
+        ("eval-text-only", "sd-text-only", 4),
+    ]
+    for row, run in zip(table.rows, (release, ours), strict=True):
+        assert repr([row[c] for c in SUMMARY_COLUMNS]) == repr(
+            [run.row()[c] for c in SUMMARY_COLUMNS]
+        )  # repr: NaN (no FaceNet here) equals NaN
+    style = compare_runs([release.out_dir, ours.out_dir], category="style")
+    assert [r["images"] for r in style.rows] == [2, 2]
+    assert style.rows[0]["clip_t"] == release.row("style")["clip_t"]
+
+    md, csv_file, parquet = (tmp_path / f"table.{x}" for x in ("md", "csv", "parquet"))
+    for out in (md, csv_file, parquet):
+        code = run_cli(app, ["evaluate-table", release.out_dir, ours.out_dir, "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+    shown = capsys.readouterr().out
+    for name in ("eval-cid-release", "sd-text-only", "CLIP-T", "FaceSim-ArcFace", "s/image"):
+        assert name in shown
+    lines = md.read_text().splitlines()
+    assert lines[2].startswith("| run | generator | images | CLIP-T | CLIP-I | DINO | FaceSim |")
+    assert lines[4].startswith("| eval-cid-release | consistentid-release | 4 |")
+    assert f"| {release.row()['clip_t']:.1f} |" in lines[4]
+    import csv
+
+    rows = list(csv.DictReader(csv_file.open()))
+    assert [r["generator"] for r in rows] == ["consistentid-release", "sd-text-only"]
+    assert float(rows[1]["clip_i"]) == ours.row()["clip_i"]
+    assert pq.read_table(parquet).to_pylist()[1]["fid"] == ours.row()["fid"]
+
+
+def test_a_table_names_what_makes_runs_incomparable(
+    baseline, baseline_run, metric_models, built_dataset, tmp_path, capsys
+):
+    import csv
+
+    from flows.cli import app
+    from flows.cli_common import run_cli
+    from training.evaluation.compare import compare_runs
+    from training.evaluation.prompts import load_prompts
+    from training.evaluation.run import evaluate
+    from training.reference import load_references
+
+    other = tmp_path / "eval-seed-1"
+    references = load_references(str(built_dataset), identities=1)
+    prompts = load_prompts(categories=["style"], per_category=1)
+    evaluate(baseline, references, prompts, metric_models, str(other), seed=1)
+    table = compare_runs([baseline_run.out_dir, str(other)])
+    assert table.notes == [
+        "eval-seed-1 drew other images than eval-text-only (1 and 4, 1 in common): "
+        "other references or prompts",
+        "eval-seed-1 used seed 1, eval-text-only seed 0",
+    ]
+    out = tmp_path / "table.csv"
+    assert run_cli(app, ["evaluate-table", baseline_run.out_dir, str(other), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "not comparable: eval-seed-1 used seed 1" in err
+    assert math.isnan(table.rows[1]["fid"])  # one reference: no FID, an empty cell
+    assert [r["fid"] for r in csv.DictReader(out.open())][1] == ""
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "half" / "images").mkdir(parents=True)
+    mistakes = {
+        "not an fgid evaluate output: no evaluation.json": [str(tmp_path / "plain")],
+        "its images are there: rerun": [str(tmp_path / "half")],
+        "no such folder": [str(tmp_path / "nowhere")],
+        "given more than once": [str(other), str(other)],
+        "has no 'clothing' prompts (it has all, style)": [str(other), "--category", "clothing"],
+        "write the table as .md, .csv, .parquet": [str(other), "--out", str(tmp_path / "t.txt")],
+    }
+    for expected, args in mistakes.items():
+        assert run_cli(app, ["evaluate-table", *args]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "t.txt").exists()

@@ -5,6 +5,9 @@ dicts, each loaded with `strict=True`: `image_proj` (ProjPlusModel), `adapter_mo
 over `unet.attn_processors`, in the UNet's processor order) and `FacialEncoder`. With the default
 ModelOptions our trainable parts are the same tensors under other names; the options that add
 tensors (`facial_align`) have no released counterpart and are refused by `to_reference`.
+The public code has two variants with the same key names: SD 1.5 (768-wide text, 32 attention
+layers) and SDXL (2048-wide, 140 layers, `pipline_StableDiffusionXL_ConsistentID.py`); a file's
+variant is read from its number of attention processors (`release_variant`).
 Files on disk: training/consistentid/release.py.
 """
 
@@ -27,15 +30,34 @@ GROUP_ALIASES = {"image_proj_model": "image_proj"}
 RELEASE_DIM_HEAD = 64  # both perceivers of the release; shapes do not record it
 
 
+def _attention_layers(blocks: Sequence[tuple[str, int, int]]) -> list[str]:
+    """(block, attentions, transformer blocks in each) -> attention layer names in order."""
+    names = []
+    for block, attentions, depth in blocks:
+        for a, t in ((a, t) for a in range(attentions) for t in range(depth)):
+            names += [f"{block}.attentions.{a}.transformer_blocks.{t}.attn{k}" for k in (1, 2)]
+    return names
+
+
 def sd15_processors() -> list[str]:
     """SD 1.5's attention layers in `unet.attn_processors` order (down, up, then mid)."""
-    blocks = [(f"down_blocks.{i}", 2) for i in range(3)]
-    blocks += [(f"up_blocks.{i}", 3) for i in (1, 2, 3)]
-    names = []
-    for block, attentions in [*blocks, ("mid_block", 1)]:
-        for a in range(attentions):
-            names += [f"{block}.attentions.{a}.transformer_blocks.0.attn{k}" for k in (1, 2)]
-    return names
+    blocks = [(f"down_blocks.{i}", 2, 1) for i in range(3)]
+    blocks += [(f"up_blocks.{i}", 3, 1) for i in (1, 2, 3)]
+    return _attention_layers([*blocks, ("mid_block", 1, 1)])
+
+
+def sdxl_processors() -> list[str]:
+    """SDXL's 140 attention layers in processor order: 2 and 10 transformer blocks per attention
+    in its two cross-attention levels, 10 in the mid block."""
+    return _attention_layers(
+        [("down_blocks.1", 2, 2), ("down_blocks.2", 2, 10), ("up_blocks.0", 3, 10),
+         ("up_blocks.1", 3, 2), ("mid_block", 1, 10)]
+    )  # fmt: skip
+
+
+# The released variants by their UNet's attention layers (their keys are the same; the widths
+# differ: 768 and 2048).
+VARIANTS = {"sd15": sd15_processors, "sdxl": sdxl_processors}
 
 
 def processor_order(name: str) -> tuple:
@@ -95,15 +117,41 @@ def _groups(state: Mapping) -> dict[str, Mapping[str, torch.Tensor]]:
     return groups
 
 
+def _adapter_count(adapters: Mapping) -> int:
+    return len({m.group(1) for k in adapters if (m := _ADAPTER.match(k))})
+
+
+def release_variant(state: Mapping) -> str | None:
+    """The released variant ("sd15" or "sdxl") whose UNet has as many attention layers as the
+    file has processors, at any width (small test files too); None for another UNet."""
+    count = _adapter_count(_groups(state)["adapter_modules"])
+    return next((v for v, layers in VARIANTS.items() if len(layers()) == count), None)
+
+
+def _processor_names(state: Mapping, processors: Sequence[str] | None) -> list[str]:
+    if processors is not None:
+        return list(processors)
+    variant = release_variant(state)
+    if variant is None:
+        count = _adapter_count(_groups(state)["adapter_modules"])
+        layouts = ", ".join(f"{v} {len(layers())}" for v, layers in VARIANTS.items())
+        raise ValueError(
+            f"adapter_modules holds {count} attention processors, no released UNet has that "
+            f"many ({layouts}): give the UNet's processor names"
+        )
+    return VARIANTS[variant]()
+
+
 def from_reference(
     state: Mapping, processors: Sequence[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """The released dict -> our state dict. `processors`: the UNet's attention layers in
-    processor order (ConsistentID.processor_names()); default SD 1.5's."""
+    processor order (ConsistentID.processor_names()); default the layers of the released
+    variant (SD 1.5 or SDXL) with as many of them as the file."""
     groups = _groups(state)
     adapters = groups["adapter_modules"]
-    count = len({m.group(1) for k in adapters if (m := _ADAPTER.match(k))})
-    names = list(processors) if processors is not None else sd15_processors()
+    count = _adapter_count(adapters)
+    names = _processor_names(groups, processors)
     if count != len(names):
         raise ValueError(
             f"adapter_modules holds {count} attention processors, the UNet has {len(names)}"
@@ -174,10 +222,11 @@ class ReleaseShape:
 
 
 def release_shape(state: Mapping, processors: Sequence[str] | None = None) -> ReleaseShape:
+    """The sizes of `state`'s tensors; `processors` as for `from_reference`."""
     groups = _groups(state)
     proj, facial = groups["image_proj"], groups["FacialEncoder"]
     adapters = groups["adapter_modules"]
-    names = list(processors) if processors is not None else sd15_processors()
+    names = _processor_names(groups, processors)
 
     def depth(group: Mapping, prefix: str) -> int:
         return sum(1 for k in group if re.fullmatch(rf"{prefix}layers\.\d+\.0\.to_q\.weight", k))

@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fgid.errors import UsageError
 from training.consistentid.convert import (
     from_reference,
     release_shape,
+    release_variant,
     skeleton,
     to_reference,
 )
-from training.consistentid.model import VIT_H
+from training.consistentid.model import VIT_H, ConsistentID, load_frozen
 from training.consistentid.pipeline import CONFIG, WEIGHTS, find_config, find_weights
 from training.state_dicts import check_state
 
@@ -47,15 +49,48 @@ def load_release(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a torch checkpoint that loads safely ({reason})") from None
 
 
-def load_release_into(model: nn.Module, path: str | Path) -> None:
-    """Load a released checkpoint into a ConsistentID built with the default options."""
-    state = from_reference(load_release(path), model.processor_names())
+class SDXLRelease(UsageError):
+    """ConsistentID's SDXL release, which converts (convert.py) but has no model here to run."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(
+            f"{path} is ConsistentID's SDXL release (140 attention layers): its tensors convert "
+            "(training.consistentid.convert), but this project's ConsistentID model and generator "
+            "run on SD 1.5 only"
+        )
+
+
+def require_sd15(state: dict, path: str | Path) -> None:
+    """Refuse the SDXL variant before anything loads for it."""
+    if release_variant(state) == "sdxl":
+        raise SDXLRelease(path)
+
+
+def load_release_into(model: nn.Module, path: str | Path, state: dict | None = None) -> None:
+    """Load a released checkpoint (`state`, if already read from `path`) into a ConsistentID of
+    its sizes: strict, every missing or misshapen tensor named in one line."""
+    state = from_reference(load_release(path) if state is None else state, model.processor_names())
     expected = model.state_dict()
     try:
         check_state(expected, state)
     except ValueError as error:
         raise ValueError(f"{path} does not fit this model: {error}") from None
     model.load_state_dict(state, strict=True)
+
+
+def release_model(
+    path: str | Path, base_model: str, image_encoder: str | None = None
+) -> ConsistentID:
+    """The released checkpoint at `path` as a ConsistentID on `base_model`: sizes read from the
+    file against the base UNet's layers, weights loaded strictly. SDXL's is refused first."""
+    state = load_release(path)
+    require_sd15(state, path)
+    frozen = load_frozen(base_model, image_encoder)
+    layers = [name.removesuffix(".processor") for name in frozen.unet.attn_processors]
+    shape = release_shape(state, layers)
+    model = ConsistentID(frozen, shape.id_dim, shape.options)
+    load_release_into(model, path, state)
+    return model
 
 
 def release_to_folder(
@@ -69,6 +104,7 @@ def release_to_folder(
     from safetensors.torch import save_file
 
     state = load_release(release)
+    require_sd15(state, release)
     ours = from_reference(state)
     shape = release_shape(state)
     check_state(skeleton(shape).state_dict(), ours)

@@ -80,10 +80,8 @@ def released_consistentid(config: GeneratorConfig) -> Generator:
     conversion on disk); its rows are named `consistentid-release` unless `name` is given."""
     import torch
 
-    from training.consistentid.convert import release_shape
-    from training.consistentid.model import ConsistentID, load_frozen
     from training.consistentid.pipeline import ConsistentIDGenerator
-    from training.consistentid.release import load_release, load_release_into
+    from training.consistentid.release import release_model
 
     options = dict(config.options)
     device = torch.device(
@@ -92,10 +90,7 @@ def released_consistentid(config: GeneratorConfig) -> Generator:
     dtype = options.pop("dtype", None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    shape = release_shape(load_release(config.weights))
-    frozen = load_frozen(config.base_model, options.pop("image_encoder", None))
-    model = ConsistentID(frozen, shape.id_dim, shape.options)
-    load_release_into(model, config.weights)
+    model = release_model(config.weights, config.base_model, options.pop("image_encoder", None))
     model.to(device=device, dtype=dtype).eval()
     options.setdefault("name", "consistentid-release")
     return ConsistentIDGenerator(model, config.base_model, **options)

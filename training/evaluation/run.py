@@ -4,7 +4,7 @@ Layout of `out_dir` (a local folder or s3:// URL):
   images/{reference key}/{prompt index:02d}.png   the generated image
   images/{reference key}/{prompt index:02d}.json  prompt, seed, generator, seconds (written last:
                                                   an image counts as generated once this exists)
-  per_image.parquet, summary.parquet, summary.md, evaluation.json
+  per_image.parquet, summary.parquet, summary.md, evaluation.json (written last)
 A rerun reuses every image whose JSON exists (seconds per image are those measured when it was
 made) and generates only the rest; metrics are recomputed, which is cheap beside generation.
 """
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALL = "all"  # the summary row over every category
+PER_IMAGE, SUMMARY, SUMMARY_MD = "per_image.parquet", "summary.parquet", "summary.md"
+ABOUT = "evaluation.json"  # generator, seed, metric models; written last, after the tables
 SUMMARY_COLUMNS = (*METRICS, "fid", "seconds_per_image")
 TITLES = {
     "clip_t": "CLIP-T",
@@ -197,15 +199,37 @@ def summarize(
     return summary
 
 
-def summary_markdown(summary: list[dict], title: str = "Evaluation") -> str:
-    """The summary as a Markdown table, metrics to one decimal like the paper's tables."""
-    header = ["category", "images", *(TITLES[c] for c in SUMMARY_COLUMNS)]
+def markdown_table(rows: list[dict], labels: Sequence[str], title: str) -> str:
+    """`rows` as a Markdown table: the `labels` columns as they are, then the paper's columns
+    (SUMMARY_COLUMNS) to one decimal like its tables."""
+    header = [*labels, *(TITLES[c] for c in SUMMARY_COLUMNS)]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in summary:
-        cells = [row["category"], str(row["images"])]
-        cells += [_fmt(row[c]) for c in SUMMARY_COLUMNS]
+    for row in rows:
+        cells = [str(row[c]) for c in labels] + [_fmt(row[c]) for c in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: list[dict], title: str = "Evaluation") -> str:
+    """The summary as a Markdown table, one row per prompt category."""
+    return markdown_table(summary, ("category", "images"), title)
+
+
+def rounded(value: float | None, digits: int = 2) -> float | None:
+    """A number as tables and the Prefect API show it: rounded, None when unmeasured (NaN), since
+    the API stores JSON, which has no NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)
+
+
+def table_rows(rows: list[dict], labels: Sequence[str] = ("category", "images")) -> list[dict]:
+    """Summary rows (or a comparison's, with its `labels`) as the artifact and the terminal show
+    them: the label columns, then the paper's column names, two decimals."""
+    return [
+        {**{k: row[k] for k in labels}, **{TITLES[c]: rounded(row[c]) for c in SUMMARY_COLUMNS}}
+        for row in rows
+    ]
 
 
 def _fmt(value: float) -> str:
@@ -251,20 +275,25 @@ def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
 
 def _write_tables(out_dir, rows, summary, generator, models: MetricModels, seed: int) -> None:
     storage.atomic_write_bytes(
-        storage.join(out_dir, "per_image.parquet"), _parquet_bytes(rows, PER_IMAGE_SCHEMA)
+        storage.join(out_dir, PER_IMAGE), _parquet_bytes(rows, PER_IMAGE_SCHEMA)
     )
     storage.atomic_write_bytes(
-        storage.join(out_dir, "summary.parquet"), _parquet_bytes(summary, SUMMARY_SCHEMA)
+        storage.join(out_dir, SUMMARY), _parquet_bytes(summary, SUMMARY_SCHEMA)
     )
     markdown = summary_markdown(summary, f"Evaluation of {generator.name}")
-    storage.atomic_write_text(storage.join(out_dir, "summary.md"), markdown)
+    storage.atomic_write_text(storage.join(out_dir, SUMMARY_MD), markdown)
     about = {"generator": generator.name, "seed": seed, "models": models.describe()}
-    storage.atomic_write_text(storage.join(out_dir, "evaluation.json"), json.dumps(about, indent=1))
+    storage.atomic_write_text(storage.join(out_dir, ABOUT), json.dumps(about, indent=1))
+
+
+def read_table(out_dir: str, name: str = SUMMARY, columns: list[str] | None = None) -> list[dict]:
+    """One of a run's Parquet tables (SUMMARY or PER_IMAGE) as rows."""
+    with storage.open_input(storage.join(out_dir, name)) as f:
+        return pq.read_table(f, columns=columns).to_pylist()
 
 
 def read_summary(out_dir: str) -> list[dict]:
-    with storage.open_input(storage.join(out_dir, "summary.parquet")) as f:
-        return pq.read_table(f).to_pylist()
+    return read_table(out_dir, SUMMARY)
 
 
 def run_evaluation(
