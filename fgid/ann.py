@@ -36,6 +36,17 @@ class Rows:
     def __init__(self, width: int, dtype=np.float64) -> None:
         self.width, self.dtype, self.chunks, self.size = width, dtype, [], 0
 
+    def adopt(self, rows: np.ndarray) -> None:
+        """Take `rows` as the first rows, without copying whole chunks of them: they become
+        this table's storage (and change with it); only a last partial chunk is copied."""
+        rows = np.asarray(rows, self.dtype)
+        whole = len(rows) // CHUNK_ROWS * CHUNK_ROWS
+        self.chunks = [rows[lo : lo + CHUNK_ROWS] for lo in range(0, whole, CHUNK_ROWS)]
+        if whole < len(rows):
+            self.chunks.append(np.zeros((CHUNK_ROWS, self.width), self.dtype))
+            self.chunks[-1][: len(rows) - whole] = rows[whole:]
+        self.size = len(rows)
+
     def append(self, row: np.ndarray) -> int:
         if self.size == len(self.chunks) * CHUNK_ROWS:
             self.chunks.append(np.zeros((CHUNK_ROWS, self.width), self.dtype))
