@@ -42,9 +42,12 @@ def consistentid(
         ),
     ] = ...,
     base_model: Annotated[
-        str,
-        typer.Option(help="--from-reference: the SD 1.5 base recorded for the generator."),
-    ] = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        str | None,
+        typer.Option(
+            help="--from-reference: the base recorded for the generator; default SD 1.5 or "
+            "SDXL base 1.0, as the file's layers say."
+        ),
+    ] = None,
 ) -> None:
     """ConsistentID: `--from-reference FILE --out DIR` or `--to-reference DIR --out FILE`."""
     from training.consistentid.release import folder_to_release, release_to_folder

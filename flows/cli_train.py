@@ -95,13 +95,15 @@ def train_consistentid_cmd(
     set_: SetOpt = [],  # noqa: B006 - typer needs a list default
     prefect: PrefectOpt = True,
 ) -> None:
-    """Train ConsistentID (SD 1.5, frozen UNet) on a built dataset; rerun to resume."""
-    from training.consistentid.train import ConsistentIDTrainConfig
+    """Train ConsistentID (SD 1.5 or SDXL: --set variant=sdxl, or an SDXL base or released file;
+    frozen UNet) on a built dataset; rerun to resume."""
+    from training.consistentid.train import ConsistentIDTrainConfig, resolve_variant
 
     cfg = _typed_config(ConsistentIDTrainConfig, config, set_, dataset_url=dataset,
                         base_model=base_model, **{"train.output_dir": output_dir,
                         "train.max_steps": max_steps, "loader.batch_size": batch_size})  # fmt: skip
-    _train("consistentid", cfg, prefect)
+    # Decided here, where the settings given are still known from the defaults.
+    _train("consistentid", resolve_variant(cfg), prefect)
 
 
 @train_app.command("faceclip")

@@ -18,9 +18,10 @@ from fgid.config import BuildConfig
 from fgid.errors import FailureError
 from flows.build import artifact_key, tag_flow_run
 from flows.build import build as build_flow
+from flows.retries import retry_transient
 from flows.storage_secret import load_storage_secret
 from training.checkpoints import FINAL_DIR
-from training.consistentid.train import ConsistentIDTrainConfig
+from training.consistentid.train import ConsistentIDTrainConfig, resolve_variant
 from training.evaluation.config import EvaluateConfig, GeneratorConfig
 from training.evaluation.run import PER_IMAGE, rounded, summary_markdown, table_rows
 from training.faceclip.train import FaceCLIPTrainConfig
@@ -31,8 +32,15 @@ from training.preflight import CONSISTENTID_ID_DIM, DatasetUnusable, check_evalu
 
 
 # Evaluation resumes image by image (training/evaluation/run.py), so a retry after a lost
-# worker or storage outage generates only what the failed try had not saved.
-@task(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE, log_prints=False)
+# worker or storage outage generates only what the failed try had not saved. As the shard
+# tasks, only errors that can clear up are retried (flows/retries.py).
+@task(
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    log_prints=False,
+)
 def evaluate_generator(config: EvaluateConfig) -> dict:
     from training.evaluation.run import run_evaluation
 
@@ -143,8 +151,14 @@ def require_final(kind: str, config, report: dict) -> dict:
 
 # A retry resumes from the latest checkpoint when train.resume_from is "latest" (the default),
 # so it repeats at most `checkpoint_every` steps of work, and writes a final export that a crash
-# had stopped.
-@task(retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE, log_prints=False)
+# had stopped. Only errors that can clear up are retried.
+@task(
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    log_prints=False,
+)
 def train_model(kind: str, config: ConsistentIDTrainConfig | FaceCLIPTrainConfig) -> dict:
     report = run_training(kind, config)
     get_run_logger().info(
@@ -242,6 +256,8 @@ def build_train_evaluate(
       (baseline.TextOnlyGenerator, an SD 1.5 pipeline) as the comparison row."""
     logger = get_run_logger()
     tag_flow_run(["fgid", "build-train-evaluate", f"dataset:{storage.name(out)}"])
+    if consistentid is not None:  # SD 1.5 or SDXL, before the weights are checked
+        consistentid = resolve_variant(consistentid)
     _check_before_build(build_config, consistentid, faceclip_align, faceclip_sdxl, evaluation)
     results: dict = {"build": build_flow(inputs=inputs, out=out, config=build_config)}
     trained: list[tuple[str, str, str]] = []  # (generator kind, base model, weights)
@@ -307,8 +323,9 @@ def _check_before_build(build_config, consistentid, faceclip_align, faceclip_sdx
         kinds = {"consistentid": consistentid, "faceclip": faceclip_sdxl}
         for kind, trained in kinds.items():
             if trained is not None:
+                sdxl = kind == "consistentid" and trained.variant == "sdxl"
                 rows += weights.evaluation_weights(
-                    kind, trained.base_model, None, m.clip, m.dino, m.fid, m.faces
+                    kind, trained.base_model, None, m.clip, m.dino, m.fid, m.faces, sdxl=sdxl
                 )
     missing = [w.missing() for w in weights.merged(rows) if not w.present and not w.note]
     if missing:

@@ -194,12 +194,13 @@ def consistentid_loader(
     rank: int | None = None,
     world_size: int | None = None,
     keep_facial_token: bool = False,
+    tokenizer_2=None,
 ) -> DataLoader:
     """ConsistentID batches (training/consistentid/batch.py); adds FACIAL_TOKEN to `tokenizer`
-    if it lacks it."""
+    if it lacks it. `tokenizer_2`: SDXL's second tokenizer (ConsistentID-SDXL's batches)."""
     config = config or LoaderConfig()
     add_facial_token(tokenizer)
-    batcher = Identified(ConsistentIDBatch(tokenizer, config, keep_facial_token))
+    batcher = Identified(ConsistentIDBatch(tokenizer, config, keep_facial_token, tokenizer_2))
     return _loader(dataset_url, config, batcher, start_batch, rank, world_size)
 
 

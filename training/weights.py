@@ -92,11 +92,14 @@ def _file(key: str, name: str, used_by: str, path: str, setting: str, size: str,
 # --- ConsistentID --------------------------------------------------------------------------------
 
 
-def consistentid_weights(base_model: str, image_encoder: str | None) -> list[Weight]:
+def consistentid_weights(
+    base_model: str, image_encoder: str | None, sdxl: bool = False
+) -> list[Weight]:
+    """`sdxl`: ConsistentID-SDXL on an SDXL base."""
     from training.consistentid.model import VIT_H, image_encoder_source
 
     used_by = "train consistentid"
-    rows = [_sd15(base_model, used_by, "base_model (--base-model)")]
+    rows = [(_sdxl if sdxl else _sd15)(base_model, used_by, "base_model (--base-model)")]
     source, nested = image_encoder_source(base_model, image_encoder)
     files = transformers_files("image_encoder" if nested else "")
     rows.append(
@@ -236,21 +239,24 @@ def evaluation_weights(
     fid: str,
     faces: ModelsConfig,
     facenet: str | None = None,
+    sdxl: bool = False,
 ) -> list[Weight]:
+    """`sdxl`: a ConsistentID generator on SDXL (its released SDXL file)."""
     used_by = f"evaluate ({kind})"
     setting = "generator.base_model (--base-model)"
-    base = _sdxl if kind == "faceclip" else _sd15
+    base = _sdxl if kind == "faceclip" or sdxl else _sd15
     rows = [base(base_model, used_by, setting)]
     from training.faceclip.convert import is_release
 
     if kind == "faceclip" and weights and is_release(weights):
         rows.append(faceclip_release_weight(weights, used_by, "generator.weights (--weights)"))
     elif kind == "consistentid" and weights and Path(weights).is_file():
+        release = "ConsistentID_SDXL-v1.bin" if sdxl else "ConsistentID-v1.bin"
         rows.append(
             _file(
-                "consistentid-release", "ConsistentID release (ConsistentID-v1.bin)", used_by,
-                weights, "generator.weights (--weights)", "1.1 GB", "MIT",
-                "download ConsistentID-v1.bin from the JackAILab/ConsistentID hub repository",
+                "consistentid-release", f"ConsistentID release ({release})", used_by,
+                weights, "generator.weights (--weights)", "1.1 GB" if not sdxl else "-", "MIT",
+                f"download {release} from the JackAILab/ConsistentID hub repository",
             )
         )  # fmt: skip
     elif kind != "text-only" and weights:
@@ -293,7 +299,9 @@ def evaluation_weights(
 
 
 def for_consistentid(config: ConsistentIDTrainConfig) -> list[Weight]:
-    return consistentid_weights(config.base_model, config.image_encoder)
+    """`config` with its variant resolved (training.consistentid.train.resolve_variant)."""
+    sdxl = config.variant == "sdxl"
+    return consistentid_weights(config.base_model, config.image_encoder, sdxl)
 
 
 def for_faceclip(config: FaceCLIPTrainConfig) -> list[Weight]:
@@ -305,8 +313,14 @@ def for_faceclip(config: FaceCLIPTrainConfig) -> list[Weight]:
 
 def for_evaluation(config: EvaluateConfig) -> list[Weight]:
     g, m = config.generator, config.metrics
+    base_model, sdxl = g.base_model, False
+    if g.kind == "consistentid" and g.weights:
+        from training.evaluation.config import consistentid_base
+
+        variant, base_model = consistentid_base(g)
+        sdxl = variant == "sdxl"
     return evaluation_weights(
-        g.kind, g.base_model, g.weights, m.clip, m.dino, m.fid, m.faces, m.facenet
+        g.kind, base_model, g.weights, m.clip, m.dino, m.fid, m.faces, m.facenet, sdxl
     )
 
 

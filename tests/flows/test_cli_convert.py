@@ -92,30 +92,32 @@ def test_bad_files_fail_in_one_line(tmp_path):
     assert run("--out", tmp_path / "o").exit_code == 2
 
 
-def test_the_sdxl_release_is_named_and_refused_in_one_line(tmp_path):
-    """Its tensors convert in memory, but there is no SDXL ConsistentID here to write a folder
-    for: the file is named as what it is, not as a broken SD 1.5 release."""
-    from training.consistentid.convert import from_reference, release_variant
+def test_the_sdxl_release_converts_both_ways_and_needs_an_sdxl_base(tmp_path, tiny_sd15):
+    """Told apart by its 140 attention layers: the folder records the variant and SDXL base
+    1.0; on an SD 1.5 base it is refused in one line, before any model loads."""
+    from training.consistentid.convert import release_variant
 
     release = small_release(sdxl_processors())
     assert release_variant(release) == "sdxl"
-    ours = from_reference(release)  # SDXL's layer names, read from the file's 140 processors
-    assert (
-        "adapters.mid_block/attentions/0/transformer_blocks/9/attn2/processor.to_k_ip.weight"
-        in ours
-    )
-    back = to_reference(ours)
-    assert {g: back[g].keys() for g in back} == {g: release[g].keys() for g in release}
-    assert all(torch.equal(back[g][k], release[g][k]) for g in release for k in release[g])
     torch.save(release, tmp_path / "ConsistentID_SDXL-v1.bin")
     result = run("--from-reference", tmp_path / "ConsistentID_SDXL-v1.bin", "--out", tmp_path / "o")
-    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
-    assert "SDXL release (140 attention layers)" in result.output and "SD 1.5 only" in result.output
-    assert not (tmp_path / "o").exists()
-    # fgid evaluate refuses it the same way, before any base model loads.
-    from training.consistentid.release import SDXLRelease
-    from training.evaluation.config import GeneratorConfig, load_generator
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "o" / "consistentid.json").read_text())
+    assert meta["variant"] == "sdxl"
+    assert meta["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    result = run("--to-reference", tmp_path / "o", "--out", tmp_path / "back.bin")
+    assert result.exit_code == 0, result.output
+    back = torch.load(tmp_path / "back.bin", weights_only=True)
+    assert {g: back[g].keys() for g in back} == {g: release[g].keys() for g in release}
+    assert all(torch.equal(back[g][k], release[g][k]) for g in release for k in release[g])
+
+    from fgid.errors import UsageError
+    from training.evaluation.config import GeneratorConfig, consistentid_base, load_generator
 
     weights = str(tmp_path / "ConsistentID_SDXL-v1.bin")
-    with pytest.raises(SDXLRelease, match="SD 1.5 only"):
-        load_generator(GeneratorConfig(kind="consistentid", base_model="no-such", weights=weights))
+    assert consistentid_base(GeneratorConfig(kind="consistentid", weights=weights)) == (
+        "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
+    )  # fmt: skip
+    config = GeneratorConfig(kind="consistentid", base_model=str(tiny_sd15), weights=weights)
+    with pytest.raises(UsageError, match="SDXL release, .* is an SD 1.5 model: give an SDXL"):
+        load_generator(config)

@@ -125,6 +125,18 @@ def on_server(prefect_server):
     return temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url})
 
 
+def test_evaluation_and_training_tasks_retry_only_what_can_clear_up():
+    """As the shard tasks: a usage error (a bad setting, a missing file) fails at once."""
+    from fgid.errors import UsageError
+    from flows.retries import retry_transient, transient
+    from flows.train import evaluate_generator, train_model
+
+    for task in (evaluate_generator, train_model):
+        assert task.retries >= 1 and task.retry_condition_fn is retry_transient
+    assert not transient(UsageError("a base model of the other variant"))
+    assert transient(ConnectionResetError())
+
+
 @slow
 def test_evaluate_flow_publishes_the_summary(
     prefect_server, built_dataset, tiny_sd15, tiny_clip, tiny_dino, tmp_path

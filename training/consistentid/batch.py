@@ -25,11 +25,20 @@ class ConsistentIDBatch:
     """Items -> the ConsistentID batch dict (training/loader.py adds the identity fields).
 
     A region counts when both the target (its mask) and the reference (its image) show it.
-    `keep_facial_token` selects the text path (ModelOptions.keep_facial_token)."""
+    `keep_facial_token` selects the text path (ModelOptions.keep_facial_token). With SDXL's
+    second tokenizer (`tokenizer_2`) the batch also holds its ids of the same text
+    (`input_ids_2`) and SDXL's micro-conditioning (`time_ids`)."""
 
-    def __init__(self, tokenizer, config: LoaderConfig, keep_facial_token: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        config: LoaderConfig,
+        keep_facial_token: bool = False,
+        tokenizer_2=None,
+    ) -> None:
         self.tokenizer, self.config = tokenizer, config
         self.keep_facial_token = keep_facial_token
+        self.tokenizer_2 = tokenizer_2
 
     def text(self, caption: str, facial: str, present) -> tuple[str, torch.Tensor, torch.Tensor]:
         """(text, input_ids, region_token_index) of one sample."""
@@ -63,7 +72,7 @@ class ConsistentIDBatch:
         clip = clip_preprocess(views, cfg.clip_size, cfg.clip_mean, cfg.clip_std)
         regions = torch.zeros(len(refs), len(ref_present[0]), *clip.shape[1:])
         regions[torch.from_numpy(ref_present)] = clip[len(refs) :]
-        return {
+        batch = {
             "text": texts,
             "pixel_values": to_unit_range(np.stack([t.image for t in targets]), size),
             "foreground_mask": torch.from_numpy(labels != 0)[:, None].float(),
@@ -76,3 +85,16 @@ class ConsistentIDBatch:
             "ref_region_present": torch.from_numpy(ref_present),
             "ref_id_embeds": torch.from_numpy(np.stack([r.embedding for r in refs])),
         }
+        if self.tokenizer_2 is not None:
+            length = cfg.max_length
+            batch["input_ids_2"] = torch.stack(
+                [prompt.spelled_ids(self.tokenizer_2, text, length) for text in texts]
+            )
+            batch["time_ids"] = time_ids([t.image.shape[:2] for t in targets], size)
+        return batch
+
+
+def time_ids(sizes: list[tuple[int, int]], size: int) -> torch.Tensor:
+    """SDXL's micro-conditioning (B, 6) as the reference trainer builds it: original (h, w),
+    crop top-left, target (h, w). A target is resized whole, never cropped: crop (0, 0)."""
+    return torch.tensor([[h, w, 0, 0, size, size] for h, w in sizes], dtype=torch.float32)

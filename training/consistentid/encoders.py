@@ -79,9 +79,14 @@ class IDProjection(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.resampler = Resampler(width, clip_dim, width, depth, dim_head)
 
-    def forward(self, id_embeds: torch.Tensor, face_patches: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, id_embeds: torch.Tensor, face_patches: torch.Tensor, shortcut: bool = False
+    ) -> torch.Tensor:
+        """`shortcut`: the refined tokens added to the unrefined ones (the reference's SDXL
+        pipeline generates this way; it trains and runs SD 1.5 without)."""
         tokens = self.norm(self.mlp(id_embeds).view(-1, self.num_tokens, self.width))
-        return self.resampler(tokens, face_patches)
+        refined = self.resampler(tokens, face_patches)
+        return tokens + refined if shortcut else refined
 
 
 class MLP(nn.Module):

@@ -122,6 +122,8 @@ def load_frozen(
 
 
 class ConsistentID(nn.Module):
+    frozen_loader = staticmethod(load_frozen)  # (base_model, image_encoder, dtype) -> Frozen
+
     def __init__(
         self,
         frozen: Frozen,
@@ -167,7 +169,8 @@ class ConsistentID(nn.Module):
         loss: LossOptions | None = None,
         frozen_dtype: torch.dtype | None = None,
     ) -> ConsistentID:
-        return cls(load_frozen(base_model, image_encoder, frozen_dtype), id_dim, options, loss)
+        frozen = cls.frozen_loader(base_model, image_encoder, frozen_dtype)
+        return cls(frozen, id_dim, options, loss)
 
     def _init_from_clip_projection(self) -> list[str]:
         """Start each perceiver's input layer (CLIP width -> perceiver width) from CLIP's own image
@@ -214,14 +217,31 @@ class ConsistentID(nn.Module):
     ) -> torch.Tensor:
         """The UNet's encoder_hidden_states (B, 77 + num_id_tokens, W): the text with region
         features fused at the `<|facial|>` positions, then the ID tokens."""
-        dtype = self.id_projection.norm.weight.dtype
         with torch.no_grad():
-            text = self.frozen.text_encoder(input_ids)[0].to(dtype)
+            text = self.frozen.text_encoder(input_ids)[0]
+        images = (face_pixels, region_pixels, region_present, id_embeds)
+        return self.condition_text(text, token_index, *images)
+
+    def condition_text(
+        self,
+        text: torch.Tensor,
+        token_index: torch.Tensor,
+        face_pixels: torch.Tensor,
+        region_pixels: torch.Tensor,
+        region_present: torch.Tensor,
+        id_embeds: torch.Tensor,
+        shortcut: bool = False,
+    ) -> torch.Tensor:
+        """`condition` from the text encoder's output (B, L, W) (SDXL: both encoders' states
+        side by side); `shortcut` as IDProjection's."""
+        dtype = self.id_projection.norm.weight.dtype
+        text = text.to(dtype)
+        with torch.no_grad():
             face = self.clip_patches(face_pixels).to(dtype)
             regions = face.new_zeros(*region_present.shape, *face.shape[1:])
             if region_present.any():
                 regions[region_present] = self.clip_patches(region_pixels[region_present]).to(dtype)
-        id_tokens = self.id_projection(id_embeds.to(dtype), face)
+        id_tokens = self.id_projection(id_embeds.to(dtype), face, shortcut)
         region_tokens = self.facial_encoder.encode(face, regions, region_present)
         # A token whose region the reference lacks keeps its plain `<|facial|>` embedding.
         usable = torch.where(region_present, token_index, torch.full_like(token_index, -1))
@@ -229,6 +249,17 @@ class ConsistentID(nn.Module):
         return torch.cat([text, id_tokens.to(text.dtype)], dim=1)
 
     # -- one training step -----------------------------------------------------------------------
+
+    # The ID projection's shortcut (its unrefined tokens added to the refined ones) in training:
+    # the SD 1.5 release trained and generates without it.
+    training_shortcut = False
+
+    def training_text(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(text encoder states (B, 77, W), extra UNet inputs) of a training batch; a dropped
+        sample reads the empty prompt."""
+        ids = torch.where(drop[:, None], self.empty_ids, batch["input_ids"])
+        with torch.no_grad():
+            return self.frozen.text_encoder(ids)[0], {}
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch (training/loader.py's ConsistentID batch). Randomness (augmentation,
@@ -255,18 +286,20 @@ class ConsistentID(nn.Module):
         drop = torch.rand(b, device=device) < opts.condition_drop_prob
         keep = (~drop).float()
         token_index = torch.where(drop[:, None], -1, batch["region_token_index"])
-        cond = self.condition(
-            torch.where(drop[:, None], self.empty_ids, batch["input_ids"]),
+        text, unet_inputs = self.training_text(batch, drop)
+        cond = self.condition_text(
+            text,
             token_index,
             batch["ref_face_pixel_values"] * keep[:, None, None, None],
             batch["ref_region_pixel_values"] * keep[:, None, None, None, None],
             batch["ref_region_present"] & ~drop[:, None],
             batch["ref_id_embeds"] * keep[:, None],
+            shortcut=self.training_shortcut,
         )
 
         self.store.start(token_index if opts.localization_weight > 0 else None)
         try:
-            pred = frozen.unet(noisy.to(frozen.unet.dtype), timesteps, cond).sample
+            pred = frozen.unet(noisy.to(frozen.unet.dtype), timesteps, cond, **unet_inputs).sample
         finally:
             maps = self.store.stop()
         masked = torch.rand(b, device=device) < opts.foreground_loss_prob

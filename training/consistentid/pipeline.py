@@ -19,7 +19,7 @@ from PIL import Image
 
 from training.consistentid import prompt
 from training.consistentid.config import ModelOptions
-from training.consistentid.model import ConsistentID, load_frozen
+from training.consistentid.model import ConsistentID
 
 WEIGHTS = "consistentid.safetensors"  # export
 CHECKPOINT_WEIGHTS = "model.safetensors"  # Accelerate's checkpoint of the same state dict
@@ -47,6 +47,50 @@ def load_weights(model: ConsistentID, weights: str | Path) -> None:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(find_weights(weights))))
+
+
+def load_export(
+    model_class: type[ConsistentID],
+    base_model: str,
+    weights: str | Path,
+    image_encoder: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> ConsistentID:
+    """An export or checkpoint folder as a `model_class` on `base_model`, in eval mode on
+    `device` (default CUDA where there is one) in `dtype` (default bfloat16 on CUDA)."""
+    config = json.loads(find_config(weights).read_text())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):  # from YAML or --set: "bfloat16"
+        dtype = getattr(torch, dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    frozen = model_class.frozen_loader(base_model, image_encoder or config.get("image_encoder"))
+    model = model_class(frozen, config["id_dim"], ModelOptions(**config["options"]))
+    load_weights(model, weights)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def reference_inputs(frozen, reference) -> dict[str, torch.Tensor]:
+    """A reference's CLIP inputs (face, five region images, which regions it has) and its ID
+    embedding, each with a batch axis of one."""
+    from training.regions import clip_preprocess, region_images, region_masks
+
+    size = frozen.image_encoder.config.image_size
+    present = region_masks(reference.label_map).reshape(5, -1).any(axis=1)
+    face = clip_preprocess(reference.image, size, frozen.image_mean, frozen.image_std)
+    regions = clip_preprocess(
+        region_images(reference.image, reference.label_map),
+        size,
+        frozen.image_mean,
+        frozen.image_std,
+    )
+    regions[torch.from_numpy(~present)] = 0.0
+    return {
+        "face": face[None],
+        "regions": regions[None],
+        "present": torch.from_numpy(present)[None],
+        "embedding": torch.as_tensor(np.asarray(reference.embedding, np.float32))[None],
+    }
 
 
 class ConsistentIDGenerator:
@@ -83,39 +127,13 @@ class ConsistentIDGenerator:
     ) -> ConsistentIDGenerator:
         """`weights`: an exported `final/` folder or a `checkpoint-{step}` folder of a run.
         `settings`: steps, guidance_scale, merge_step, height, width, negative_prompt, name."""
-        config = json.loads(find_config(weights).read_text())
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(dtype, str):  # from YAML or --set: "bfloat16"
-            dtype = getattr(torch, dtype)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        frozen = load_frozen(base_model, image_encoder or config.get("image_encoder"))
-        model = ConsistentID(frozen, config["id_dim"], ModelOptions(**config["options"]))
-        load_weights(model, weights)
-        model.to(device=device, dtype=dtype).eval()
+        model = load_export(ConsistentID, base_model, weights, image_encoder, device, dtype)
         return cls(model, base_model, **settings)
 
     # -- inputs ----------------------------------------------------------------------------------
 
     def _reference_inputs(self, reference) -> dict[str, torch.Tensor]:
-        from training.regions import clip_preprocess, region_images, region_masks
-
-        frozen = self.model.frozen
-        size = frozen.image_encoder.config.image_size
-        present = region_masks(reference.label_map).reshape(5, -1).any(axis=1)
-        face = clip_preprocess(reference.image, size, frozen.image_mean, frozen.image_std)
-        regions = clip_preprocess(
-            region_images(reference.image, reference.label_map),
-            size,
-            frozen.image_mean,
-            frozen.image_std,
-        )
-        regions[torch.from_numpy(~present)] = 0.0
-        return {
-            "face": face[None],
-            "regions": regions[None],
-            "present": torch.from_numpy(present)[None],
-            "embedding": torch.as_tensor(np.asarray(reference.embedding, np.float32))[None],
-        }
+        return reference_inputs(self.model.frozen, reference)
 
     def _ids(self, text: str) -> torch.Tensor:
         tokens = self.model.frozen.tokenizer(

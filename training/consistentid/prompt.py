@@ -113,13 +113,15 @@ def inference_prompt(
     facial: str = INFERENCE_FACIAL,
     present: Sequence[bool] = (True,) * 5,
     max_length: int = MAX_LENGTH,
+    separator: str = "",
 ) -> tuple[str, list[bool]]:
-    """(text, kept flags) for a user prompt and a description of the reference face."""
+    """(text, kept flags) for a user prompt and a description of the reference face.
+    `separator` goes before `Detail:` (the reference's SDXL pipeline writes "; ")."""
     detail, kept = detail_text(facial, present)
     prompt = prompt.replace(FACIAL_TOKEN, "")
-    text = f"{prompt}Detail:{detail}"
+    text = f"{prompt}{separator}Detail:{detail}"
     if token_count(tokenizer, text) > max_length:
-        text = f"Detail:{detail} Caption:{prompt}"
+        text = f"{separator}Detail:{detail} Caption:{prompt}"
     if len(facial) > MAX_INFERENCE_FACIAL_CHARS:
         text = prompt
     return text, kept
@@ -159,6 +161,14 @@ def plain_ids(tokenizer, text: str, max_length: int = MAX_LENGTH) -> torch.Tenso
         truncation=True,
         return_tensors="pt",
     ).input_ids[0]
+
+
+def spelled_ids(tokenizer, text: str, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """`text` through a tokenizer that has no `<|facial|>` (SDXL's second: the markers become
+    plain tokens), cut at `max_length` (no end token then) or padded, as the released SDXL
+    pipeline reads its text."""
+    ids = tokenizer(text, verbose=False).input_ids[:max_length]
+    return torch.tensor(ids + [tokenizer.pad_token_id] * (max_length - len(ids)))
 
 
 def encode_training(

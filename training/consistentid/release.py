@@ -18,14 +18,16 @@ from training.consistentid.convert import (
 )
 from training.consistentid.model import VIT_H, ConsistentID, load_frozen
 from training.consistentid.pipeline import CONFIG, WEIGHTS, find_config, find_weights
+from training.consistentid.sdxl import ConsistentIDXL, base_variant, load_frozen_xl
 from training.state_dicts import check_state
 
 RELEASE_ID_DIM = 512  # insightface buffalo_l embeddings
 
 
-def load_release(path: str | Path) -> dict:
+def load_release(path: str | Path, mmap: bool = False) -> dict:
     """A released checkpoint from disk: a torch file (`weights_only`, no arbitrary objects) or a
-    safetensors file with `image_proj.`, `adapter_modules.`, `FacialEncoder.` key prefixes."""
+    safetensors file with `image_proj.`, `adapter_modules.`, `FacialEncoder.` key prefixes.
+    `mmap`: tensors mapped, not read (to look at keys and shapes), where the format allows."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -43,27 +45,51 @@ def load_release(path: str | Path) -> dict:
             state.setdefault(group, {})[rest] = tensor
         return state
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a file in torch's legacy format cannot be mapped
+                pass
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a foreign or unsafe file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: not a torch checkpoint that loads safely ({reason})") from None
 
 
-class SDXLRelease(UsageError):
-    """ConsistentID's SDXL release, which converts (convert.py) but has no model here to run."""
+NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(
-            f"{path} is ConsistentID's SDXL release (140 attention layers): its tensors convert "
-            "(training.consistentid.convert), but this project's ConsistentID model and generator "
-            "run on SD 1.5 only"
+
+def model_variant(state: dict, base_model: str, path: str | Path) -> str:
+    """The variant a released file runs as on `base_model`: the file's, which the base must
+    have; a file for another UNet (a small test model) takes the base's."""
+    base = base_variant(base_model)
+    variant = release_variant(state) or base
+    if variant != base:
+        raise UsageError(
+            f"{path} is ConsistentID's {NAMES[variant]} release, {base_model} is an "
+            f"{NAMES[base]} model: give an {NAMES[variant]} base model (--base-model)"
         )
+    return variant
 
 
-def require_sd15(state: dict, path: str | Path) -> None:
-    """Refuse the SDXL variant before anything loads for it."""
-    if release_variant(state) == "sdxl":
-        raise SDXLRelease(path)
+def default_base(variant: str) -> str:
+    from training.weights import SD15, SDXL
+
+    return SDXL if variant == "sdxl" else SD15
+
+
+def weights_variant(weights: str | Path) -> tuple[str | None, str | None]:
+    """(variant, recorded base model) of ConsistentID weights: a released file (its variant,
+    None for another UNet's layers; read memory-mapped) or a folder (its config's); (None,
+    None) for what is neither (the loader names the problem)."""
+    path = Path(weights)
+    try:
+        if path.is_file():
+            return release_variant(load_release(path, mmap=True)), None
+        config = json.loads(find_config(path).read_text())
+    except (ValueError, OSError):
+        return None, None
+    return config.get("variant", "sd15"), config.get("base_model")
 
 
 def load_release_into(model: nn.Module, path: str | Path, state: dict | None = None) -> None:
@@ -81,14 +107,15 @@ def load_release_into(model: nn.Module, path: str | Path, state: dict | None = N
 def release_model(
     path: str | Path, base_model: str, image_encoder: str | None = None
 ) -> ConsistentID:
-    """The released checkpoint at `path` as a ConsistentID on `base_model`: sizes read from the
-    file against the base UNet's layers, weights loaded strictly. SDXL's is refused first."""
+    """The released checkpoint at `path` as a ConsistentID (ConsistentIDXL for the SDXL release)
+    on `base_model`: sizes read from the file against the base UNet's layers, weights loaded
+    strictly. A file and a base of different variants are refused first."""
     state = load_release(path)
-    require_sd15(state, path)
-    frozen = load_frozen(base_model, image_encoder)
+    sdxl = model_variant(state, base_model, path) == "sdxl"
+    frozen = (load_frozen_xl if sdxl else load_frozen)(base_model, image_encoder)
     layers = [name.removesuffix(".processor") for name in frozen.unet.attn_processors]
     shape = release_shape(state, layers)
-    model = ConsistentID(frozen, shape.id_dim, shape.options)
+    model = (ConsistentIDXL if sdxl else ConsistentID)(frozen, shape.id_dim, shape.options)
     load_release_into(model, path, state)
     return model
 
@@ -96,15 +123,16 @@ def release_model(
 def release_to_folder(
     release: str | Path,
     folder: str | Path,
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    base_model: str | None = None,
     image_encoder: str = VIT_H,
 ) -> Path:
     """A released checkpoint -> an export folder (weights + config) the generator and
-    `fgid evaluate` load. The base model must have SD 1.5's attention layout."""
+    `fgid evaluate` load. The config records the variant (SD 1.5 or SDXL, from the file's
+    layers) and the base model (default: that variant's); the base must have its layers."""
     from safetensors.torch import save_file
 
     state = load_release(release)
-    require_sd15(state, release)
+    variant = release_variant(state) or "sd15"
     ours = from_reference(state)
     shape = release_shape(state)
     check_state(skeleton(shape).state_dict(), ours)
@@ -115,7 +143,8 @@ def release_to_folder(
     meta = {
         "id_dim": shape.id_dim,
         "options": shape.options.model_dump(),
-        "base_model": base_model,
+        "variant": variant,
+        "base_model": base_model or default_base(variant),
         "image_encoder": image_encoder,
     }
     (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -1,5 +1,5 @@
-"""Train ConsistentID on a built dataset: typed config, the shared loop, export of the trainable
-weights for training/consistentid/pipeline.py."""
+"""Train ConsistentID (SD 1.5 or SDXL) on a built dataset: typed config, the shared loop, export
+of the trainable weights for training/consistentid/pipeline.py and sdxl.py."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fgid.errors import UsageError
 from training.consistentid.config import LossOptions, ModelOptions
 from training.consistentid.model import ConsistentID
 from training.consistentid.pipeline import CONFIG, WEIGHTS
-from training.consistentid.release import load_release_into
+from training.consistentid.release import NAMES, load_release_into, weights_variant
+from training.consistentid.sdxl import SDXL_LOCALIZATION_LAYERS, ConsistentIDXL, base_variant
 from training.loader import LoaderConfig, consistentid_loader
 from training.loop import TrainConfig, TrainResult, train
 from training.preflight import check_consistentid
@@ -48,16 +51,62 @@ class ConsistentIDTrainConfig(BaseModel):
     loss: LossOptions = Field(default_factory=LossOptions)
     init_from_reference: str | None = Field(
         None,
-        description="a released ConsistentID checkpoint (.bin/.pt/.safetensors) to start from; "
-        "needs the default model options and a 512-d ID embedding (the release's)",
+        description="a released ConsistentID checkpoint (.bin/.pt/.safetensors; SD 1.5 or "
+        "SDXL) to start from; needs the default model options and a 512-d ID embedding (the "
+        "release's)",
+    )
+    variant: Literal["sd15", "sdxl"] | None = Field(
+        None,
+        description="sd15, or sdxl (ConsistentID-SDXL, training/consistentid/sdxl.py); None = "
+        "init_from_reference's (a released file's layers), else base_model's (a local folder's "
+        "UNet; SDXL base 1.0 by name). SDXL's defaults: base_model SDXL base 1.0, "
+        "loader.resolution 1024, model.localization_layers 3 (the reference SDXL trainer's)",
     )
 
 
-def export_config(config: ConsistentIDTrainConfig, id_dim: int) -> dict:
+SDXL_RESOLUTION = 1024  # the reference SDXL trainer's
+
+
+def _local_variant(base_model: str) -> str | None:
+    """A local base folder's variant (its UNet's conditioning); None for a hub name."""
+    return base_variant(base_model) if Path(base_model, "unet").is_dir() else None
+
+
+def resolve_variant(config: ConsistentIDTrainConfig) -> ConsistentIDTrainConfig:
+    """`config` with its variant decided, SDXL's defaults filled in where not given; a base
+    model or released file of the other variant is refused before anything loads."""
+    from training.weights import SD15, SDXL
+
+    init = weights_variant(config.init_from_reference)[0] if config.init_from_reference else None
+    base = _local_variant(config.base_model)
+    variant = config.variant or init or base or ("sdxl" if config.base_model == SDXL else "sd15")
+    update: dict = {"variant": variant}
+    # A config that went through a flow's parameters names the default base: not a choice.
+    given = "base_model" in config.model_fields_set and config.base_model != SD15
+    if variant == "sdxl":
+        if not given:
+            update["base_model"], base = SDXL, None
+        if "resolution" not in config.loader.model_fields_set:
+            update["loader"] = config.loader.model_copy(update={"resolution": SDXL_RESOLUTION})
+        if "localization_layers" not in config.model.model_fields_set:
+            layers = {"localization_layers": SDXL_LOCALIZATION_LAYERS}
+            update["model"] = config.model.model_copy(update=layers)
+    for what, found in (("init_from_reference", init), ("base_model", base)):
+        if found is not None and found != variant:
+            raise UsageError(
+                f"{what} {update.get(what, getattr(config, what))} is {NAMES[found]}, the "
+                f"model to train is {NAMES[variant]}: give an {NAMES[variant]} one (or set "
+                f"variant={found})"
+            )
+    return config.model_copy(update=update)
+
+
+def export_config(config: ConsistentIDTrainConfig, model: ConsistentID) -> dict:
     """What the pipeline needs beside the weights to rebuild the trainable modules."""
     return {
-        "id_dim": id_dim,
-        "options": config.model.model_dump(),
+        "id_dim": model.id_dim,
+        "options": model.options.model_dump(),
+        "variant": config.variant or "sd15",
         "base_model": config.base_model,
         "image_encoder": config.image_encoder,
     }
@@ -73,7 +122,10 @@ def export(model: ConsistentID, folder: Path, meta: dict) -> None:
 
 
 def build_model(config: ConsistentIDTrainConfig, id_dim: int) -> ConsistentID:
-    model = ConsistentID.from_pretrained(
+    """ConsistentID, or ConsistentIDXL for the SDXL variant (a resolved config), from the
+    released weights when `init_from_reference` names them."""
+    cls = ConsistentIDXL if config.variant == "sdxl" else ConsistentID
+    model = cls.from_pretrained(
         config.base_model,
         id_dim,
         image_encoder=config.image_encoder,
@@ -106,18 +158,19 @@ def train_consistentid(
     `observe(batch)` sees every batch before its step (logging, tests of the data order).
 
     A dataset it cannot use or a missing weight is refused before any model loads."""
+    config = resolve_variant(config)
     id_dim = check_consistentid(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
         model = build_model(config, id_dim)
     loader = loader_config(config, model)
-    meta = export_config(config, model.id_dim)
+    meta = export_config(config, model)
     output = Path(config.train.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     # Beside the checkpoints too, so a checkpoint-{step} folder loads in the pipeline.
     (output / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("ConsistentID: %.1fM trainable parameters", trainable / 1e6)
+    log.info("%s: %.1fM trainable parameters", type(model).__name__, trainable / 1e6)
 
     def make_batches(start: int):
         # training.loop keeps the loader's draws off the training RNG.
@@ -127,6 +180,7 @@ def train_consistentid(
             loader,
             start,
             keep_facial_token=config.model.keep_facial_token,
+            tokenizer_2=getattr(model.frozen, "tokenizer_2", None),
         )
 
     def step_fn(model: torch.nn.Module, batch: dict):

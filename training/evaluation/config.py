@@ -64,24 +64,42 @@ def load_generator(config: GeneratorConfig) -> Generator:
         raise ValueError(f"a {config.kind} generator needs weights (an exported folder)")
     if config.kind == "consistentid":
         from training.consistentid.pipeline import ConsistentIDGenerator
+        from training.consistentid.sdxl import ConsistentIDXLGenerator
 
-        if Path(config.weights).is_file():  # the released ConsistentID-v1.bin itself
-            return released_consistentid(config)
-        return ConsistentIDGenerator.from_pretrained(
-            config.base_model, config.weights, **config.options
-        )
+        variant, base_model = consistentid_base(config)
+        if Path(config.weights).is_file():  # ConsistentID-v1.bin or ConsistentID_SDXL-v1.bin
+            return released_consistentid(config.model_copy(update={"base_model": base_model}))
+        cls = ConsistentIDXLGenerator if variant == "sdxl" else ConsistentIDGenerator
+        return cls.from_pretrained(base_model, config.weights, **config.options)
     from training.faceclip.pipeline import FaceCLIPGenerator
 
     return FaceCLIPGenerator.from_pretrained(config.base_model, config.weights, **config.options)
 
 
+def consistentid_base(config: GeneratorConfig) -> tuple[str | None, str]:
+    """(variant, base model) of a ConsistentID generator. The SDXL release, or a folder
+    converted from it, runs on SDXL base 1.0 (a folder: the base it records) unless another
+    base than the default is given (a config that went through a flow's parameters names the
+    default); None: a file of another UNet's layers, whose base decides."""
+    from training.consistentid.release import default_base, weights_variant
+
+    variant, recorded = weights_variant(config.weights)
+    default = GeneratorConfig.model_fields["base_model"].default
+    given = "base_model" in config.model_fields_set and config.base_model != default
+    if variant != "sdxl" or given:
+        return variant, config.base_model
+    return variant, recorded or default_base(variant)
+
+
 def released_consistentid(config: GeneratorConfig) -> Generator:
-    """The released ConsistentID checkpoint as a generator, loaded strictly in memory (no
-    conversion on disk); its rows are named `consistentid-release` unless `name` is given."""
+    """A released ConsistentID checkpoint (SD 1.5 or SDXL) as a generator, loaded strictly in
+    memory (no conversion on disk); its rows are named `consistentid-release` (SDXL:
+    `consistentid-sdxl-release`) unless `name` is given."""
     import torch
 
     from training.consistentid.pipeline import ConsistentIDGenerator
     from training.consistentid.release import release_model
+    from training.consistentid.sdxl import ConsistentIDXL, ConsistentIDXLGenerator
 
     options = dict(config.options)
     device = torch.device(
@@ -92,5 +110,8 @@ def released_consistentid(config: GeneratorConfig) -> Generator:
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = release_model(config.weights, config.base_model, options.pop("image_encoder", None))
     model.to(device=device, dtype=dtype).eval()
+    if isinstance(model, ConsistentIDXL):
+        options.setdefault("name", "consistentid-sdxl-release")
+        return ConsistentIDXLGenerator(model, config.base_model, **options)
     options.setdefault("name", "consistentid-release")
     return ConsistentIDGenerator(model, config.base_model, **options)
