@@ -1,6 +1,6 @@
 """An evaluation run end to end: the text-only baseline on a tiny SD 1.5 over references from a real
-lite build; tables written, reruns resume image by image. A file in the released ConsistentID
-format evaluated as it is, and runs put side by side in one table."""
+lite build; tables written, reruns resume image by image. Files in the released ConsistentID and
+FaceCLIP-SDXL formats evaluated as they are, and runs put side by side in one table."""
 
 from __future__ import annotations
 
@@ -303,3 +303,124 @@ def test_a_table_names_what_makes_runs_incomparable(
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and expected in lines[0], lines
     assert not (tmp_path / "t.txt").exists()
+
+
+# -- a released FaceCLIP-SDXL (face_clip_encoder.pt + unet.pt) evaluated as it is --------------
+
+
+@pytest.fixture(scope="module")
+def released_faceclip(tiny_sdxl, built_dataset, metric_models, tmp_path_factory):
+    """A tiny FaceCLIP-SDXL written in the release's hub layout (`model/face_clip_encoder.pt`, the
+    reference wrapper's keys with its `model.` prefix, and `model/unet.pt`, a diffusers UNet state
+    dict) and evaluated from that folder: (encoder file's state, UNet file's state, generator,
+    result)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from training.evaluation.config import load_generator
+    from training.evaluation.run import run_evaluation
+    from training.faceclip.config import EncoderConfig
+    from training.faceclip.convert import to_reference
+    from training.faceclip.encoder import FaceCLIPEncoder
+
+    torch.manual_seed(0)
+    architecture = EncoderConfig.tiny()  # open_clip text towers built here, no weights fetched
+    encoder = FaceCLIPEncoder.build(architecture)
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl), subfolder="unet")
+    with torch.no_grad():  # away from both initial states: every tensor must come from the files
+        for p in [*encoder.parameters(), *unet.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    model = tmp_path_factory.mktemp("faceclip-release") / "model"
+    model.mkdir()
+    encoder_state = {f"model.{k}": v for k, v in to_reference(encoder.state_dict()).items()}
+    unet_state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    torch.save(encoder_state, model / "face_clip_encoder.pt")
+    torch.save(unet_state, model / "unet.pt")
+    # The file does not record its (tiny) architecture: the generator is told it.
+    tiny = architecture.model_dump(include={"towers", "face_vit", "fuser"})
+    options = {"device": "cpu", "steps": 2, "height": 48, "width": 32, "architecture": tiny}
+    config = _config(
+        built_dataset, model.parent / "eval-fc-release", kind="faceclip",
+        base_model=str(tiny_sdxl), weights=str(model.parent), options=options,
+    )  # fmt: skip
+    generator = load_generator(config.generator)
+    return encoder_state, unet_state, generator, run_evaluation(config, generator, metric_models)
+
+
+def test_a_released_faceclip_sdxl_folder_is_evaluated_as_it_is(released_faceclip):
+    import torch
+
+    from training.faceclip.convert import to_reference
+    from training.faceclip.pipeline import FaceCLIPGenerator
+
+    encoder_file, unet_file, generator, result = released_faceclip
+    assert isinstance(generator, FaceCLIPGenerator) and generator.name == "faceclip-sdxl-release"
+    # Every tensor of both files, and nothing else, is in the generator (strict loads).
+    encoder = {f"model.{k}": v for k, v in to_reference(generator.encoder.state_dict()).items()}
+    assert encoder.keys() == encoder_file.keys()
+    assert all(torch.equal(encoder[k], encoder_file[k]) for k in encoder_file)
+    unet = generator.pipeline.unet.state_dict()
+    assert unet.keys() == unet_file.keys()
+    assert all(torch.equal(unet[k], unet_file[k]) for k in unet_file)
+
+    assert result.generated == 4 and result.reused == 0
+    assert {r["generator"] for r in result.per_image} == {"faceclip-sdxl-release"}
+    assert [(s["category"], s["images"]) for s in result.summary] == [
+        ("all", 4),
+        ("clothing", 2),
+        ("style", 2),
+    ]
+    for row in result.per_image:
+        assert -100 <= row["clip_t"] <= 100 and row["seconds"] > 0
+
+
+def test_a_released_faceclip_file_missing_a_tensor_is_refused(
+    released_faceclip, tiny_sdxl, tmp_path
+):
+    import torch
+
+    from training.evaluation.config import GeneratorConfig, load_generator
+    from training.faceclip.config import EncoderConfig
+
+    encoder_file, *_ = released_faceclip
+    broken = dict(encoder_file)
+    del broken["model.face_clip_g.fuser.encoder.layers.1.norm2.bias"]
+    torch.save(broken, tmp_path / "face_clip_encoder.pt")
+    architecture = EncoderConfig.tiny().model_dump(include={"towers", "face_vit", "fuser"})
+    config = GeneratorConfig(
+        kind="faceclip",
+        base_model=str(tiny_sdxl),
+        weights=str(tmp_path / "face_clip_encoder.pt"),  # the file itself; no unet.pt beside it
+        options={"device": "cpu", "architecture": architecture},
+    )
+    with pytest.raises(ValueError, match="1 missing"):
+        load_generator(config)
+
+
+def test_a_released_faceclip_run_goes_into_one_table(
+    released_faceclip, baseline_run, tmp_path, capsys
+):
+    from flows.cli import app
+    from flows.cli_common import run_cli
+    from training.evaluation.compare import compare_runs
+    from training.evaluation.run import SUMMARY_COLUMNS
+
+    *_, release = released_faceclip
+    table = compare_runs([release.out_dir, baseline_run.out_dir])
+    assert table.notes == []  # the same references, prompts, seed and metric models
+    assert [(r["run"], r["generator"], r["images"]) for r in table.rows] == [
+        ("eval-fc-release", "faceclip-sdxl-release", 4),
+        ("eval-text-only", "sd-text-only", 4),
+    ]
+    for row, run in zip(table.rows, (release, baseline_run), strict=True):
+        assert repr([row[c] for c in SUMMARY_COLUMNS]) == repr(
+            [run.row()[c] for c in SUMMARY_COLUMNS]
+        )  # repr: NaN (no FaceNet here) equals NaN
+
+    md = tmp_path / "table.md"
+    code = run_cli(app, ["evaluate-table", release.out_dir, baseline_run.out_dir, "--out", str(md)])
+    assert code == 0, capsys.readouterr().err
+    assert "faceclip-sdxl-release" in capsys.readouterr().out
+    lines = md.read_text().splitlines()
+    assert lines[4].startswith("| eval-fc-release | faceclip-sdxl-release | 4 |")
+    assert f"| {release.row()['clip_t']:.1f} |" in lines[4]

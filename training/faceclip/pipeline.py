@@ -40,10 +40,16 @@ def face_tensor(reference: Reference) -> torch.Tensor:
 
 
 def _load_models(
-    base_model: str, weights: Path, encoder: str | None, face_encoder: str | None, dtype
+    base_model: str,
+    weights: Path,
+    encoder: str | None,
+    face_encoder: str | None,
+    dtype,
+    architecture: EncoderConfig | dict | None = None,
 ):
     """(UNet, FaceCLIPEncoder) from a release (face_clip_encoder.pt [+ unet.pt]), an exported
-    folder (final/) or a checkpoint-{step} folder."""
+    folder (final/) or a checkpoint-{step} folder. `architecture`: the release's encoder
+    (towers, face ViT, fuser) when it is not the released one; its file does not record it."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -55,7 +61,10 @@ def _load_models(
 
     if is_release(weights):
         encoder_file, _ = release_files(weights)
-        enc = FaceCLIPEncoder.build(EncoderConfig(init_from_reference=str(encoder_file)))
+        config = EncoderConfig.model_validate(architecture or {})
+        enc = FaceCLIPEncoder.build(
+            config.model_copy(update={"init_from_reference": str(encoder_file)})
+        )
         unet = base_unet()
         load_released_unet(unet, weights)
         return unet, enc
@@ -120,20 +129,24 @@ class FaceCLIPGenerator:
         face_encoder: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        architecture: EncoderConfig | dict | None = None,
         **settings,
     ) -> FaceCLIPGenerator:
         """`weights`: a FaceCLIP-SDXL release (`face_clip_encoder.pt` with `unet.pt` beside it,
         or their folder), an exported `final/` folder or a `checkpoint-{step}` folder of a run.
         `encoder` overrides where the encoder export is; `face_encoder` where the face ViT
-        weights are on this machine. `settings`: steps, guidance_scale, height, width,
-        negative_prompt, name."""
+        weights are on this machine; `architecture` the encoder a release holds when it is not
+        the released one (an `EncoderConfig` or its fields). `settings`: steps, guidance_scale,
+        height, width, negative_prompt, name."""
         from diffusers import StableDiffusionXLPipeline
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        unet, enc = _load_models(base_model, Path(weights), encoder, face_encoder, dtype)
+        unet, enc = _load_models(
+            base_model, Path(weights), encoder, face_encoder, dtype, architecture
+        )
         if "name" not in settings:
             from training.faceclip.convert import is_release
 
