@@ -284,7 +284,14 @@ def _worker_context(method: str):
     whatever state they are in, and finished workers of forked finite runs were seen exiting
     with an error after such threads had run. A spawned worker also sees the environment as it
     is now (storage credentials loaded from a Prefect block), which a fork server started
-    earlier would not. Spawning costs a few seconds per worker, once per loader."""
+    earlier would not. Spawning costs a few seconds per worker, once per loader (importing torch).
+
+    "forkserver" starts one clean server process per trainer, with this module (and so torch)
+    imported once: later workers fork from it in a fraction of a second. It suits a process that
+    makes many loaders and whose environment is settled before the first one."""
     import multiprocessing
 
-    return multiprocessing.get_context(method)
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return context
