@@ -265,6 +265,13 @@ class DownloadConfig(Section):
         "noimageindex or none (img2dataset's directives)",
         exclude_if=lambda value: value is True,
     )
+    private_addresses: bool = Field(
+        False,
+        description="also fetch from loopback, private, link-local and other non-public "
+        "addresses (a server on your own network, or a proxy on one); off, a URL table cannot "
+        "make a build reach this machine, its network or a cloud metadata service",
+        exclude_if=lambda value: value is False,
+    )
 
 
 class BuildConfig(Section):
@@ -316,7 +323,11 @@ class BuildConfig(Section):
         # the download settings only the content ones count, and only when changed.
         data.pop("inputs")
         download = data.pop("download")
-        content = {k: download[k] for k in ("max_bytes", "honour_opt_out") if k in download}
+        content = {
+            k: download[k]
+            for k in ("max_bytes", "honour_opt_out", "private_addresses")
+            if k in download
+        }
         if content:
             data["download"] = content
         blob = json.dumps(data, sort_keys=True).encode()

@@ -6,11 +6,19 @@ Only timeouts, connection errors, 429 and 5xx are retried. Bodies are streamed a
 the cap, and a whole request (connection, headers, body) must finish within `timeout` (a stalled
 read may overrun it by one more `timeout`). Redirects may lead only to http(s) URLs without
 credentials, at most MAX_REDIRECTS times. Bodies are never decompressed (no Accept-Encoding).
+
+A URL table is often someone else's file, so by default a connection goes only to public
+addresses: a host that resolves to a loopback, private, link-local (cloud metadata services),
+shared or reserved address is refused (`blocked_address`), redirects included, and the socket
+connects to the address that was checked, so a second lookup cannot swap it (DNS rebinding).
+`download.private_addresses` lifts this for a server on the user's own network (or a proxy).
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
+import socket
 import ssl
 import time
 import urllib.error
@@ -72,7 +80,63 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _public(host: str, address: str) -> None:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope id is not an address
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if not ip.is_global or ip.is_multicast:
+        raise Unusable("blocked_address", f"{host} is at {ip}, not a public address")
+
+
+def _public_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    """socket.create_connection, to public addresses only: every address the name resolves to
+    is checked first (one non-public answer refuses the host), then one of those is connected."""
+    host, port = address
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in found:
+        _public(host, sockaddr[0])
+    error: OSError = OSError(f"{host}: no address")
+    for family, kind, proto, _, sockaddr in found:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as failed:
+            sock.close()
+            error = failed
+    raise error
+
+
+class _PublicHTTP(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _public_connection  # what connect() opens its socket with
+
+
+class _PublicHTTPS(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _public_connection
+
+
+class _PublicHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_PublicHTTP, req)
+
+
+class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_PublicHTTPS, req, context=self._context)
+
+
 _OPENER = urllib.request.build_opener(_CheckedRedirects)
+_PUBLIC_OPENER = urllib.request.build_opener(
+    _CheckedRedirects, _PublicHTTPHandler, _PublicHTTPSHandler
+)
 
 
 class _Retry(Exception):
@@ -101,7 +165,8 @@ def _once(url: str, settings: DownloadConfig, max_bytes: int) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": user_agent(settings),
                                                    "Accept": "image/*,*/*;q=0.5"})  # fmt: skip
     try:
-        with _OPENER.open(request, timeout=settings.timeout) as response:
+        opener = _OPENER if settings.private_addresses else _PUBLIC_OPENER
+        with opener.open(request, timeout=settings.timeout) as response:
             return _body(response, settings, max_bytes, deadline)
     except urllib.error.HTTPError as error:
         with error:

@@ -115,6 +115,8 @@ REASONS = {
     "connection_error": "the host could not be reached or dropped the connection, after retries",
     "bad_url": "not an http(s) URL, a redirect to another scheme or to credentials, or too "
     "many redirects",
+    "blocked_address": "the URL's host is at a loopback, private, link-local or other "
+    "non-public address (download.private_addresses allows them)",
     "opted_out": "the server sent an X-Robots-Tag directive refusing this use (noai, noimageai, "
     "noindex, noimageindex, none); download.honour_opt_out",
 }

@@ -9,6 +9,7 @@ from urllib.parse import quote
 import pytest
 from http_server import serving
 
+from fgid import download
 from fgid.config import DownloadConfig
 from fgid.download import fetch, fetch_all, opt_out_directive, user_agent
 from fgid.schema import REASONS
@@ -16,7 +17,9 @@ from fgid.sources import Unusable
 from tests.corpus import jpeg_bytes
 from tests.photos import astronaut
 
-FAST = DownloadConfig(timeout=0.5, retries=1, backoff=0.01)
+# The test server is on 127.0.0.1, which a build refuses unless it is allowed.
+LOCAL = {"private_addresses": True}
+FAST = DownloadConfig(timeout=0.5, retries=1, backoff=0.01, **LOCAL)
 CAP = 1 << 20
 
 
@@ -43,7 +46,7 @@ def test_photos_come_back_byte_for_byte_with_our_user_agent(server, photo):
         assert fetch(server.url(path), FAST, CAP) == photo
     assert set(server.agents) == {user_agent(FAST)}
     assert user_agent(FAST).startswith("fgid/") and "(+http" in user_agent(FAST)
-    custom = DownloadConfig(user_agent="my-crawler/1.0 (+https://example.com)")
+    custom = DownloadConfig(user_agent="my-crawler/1.0 (+https://example.com)", **LOCAL)
     fetch(server.url("photos/a.jpg"), custom, CAP)
     assert server.agents[-1] == "my-crawler/1.0 (+https://example.com)"
 
@@ -82,7 +85,7 @@ def test_slow_answers_and_slow_bodies_time_out_within_bounds(server):
 
 
 def test_retries_only_what_can_pass_on_a_second_try(server, photo):
-    retrying = DownloadConfig(timeout=2, retries=2, backoff=0.01)
+    retrying = DownloadConfig(timeout=2, retries=2, backoff=0.01, **LOCAL)
     assert fetch(server.url("flaky/a.jpg"), retrying, CAP) == photo
     assert server.hits["/flaky/a.jpg"] == 3  # two 503s, then the photo
     assert failure(server.url("status/503"), retrying)[0] == "http_503"
@@ -132,8 +135,34 @@ def test_urls_that_are_not_http_or_carry_credentials_are_refused_unrequested(ser
     assert not server.hits
 
 
+def test_non_public_addresses_are_refused_by_default_without_a_request(server, photo):
+    port = server.server_address[1]
+    strict = FAST.model_copy(update={"private_addresses": False})
+    assert DownloadConfig().private_addresses is False
+    for url in (
+        server.url("photos/a.jpg"),  # 127.0.0.1
+        f"http://localhost:{port}/photos/a.jpg",
+        "http://169.254.169.254/latest/meta-data/",  # a cloud metadata service
+        "http://10.0.0.1/a.jpg",
+        "http://0.0.0.0/a.jpg",
+    ):
+        code, detail = failure(url, strict)
+        assert code == "blocked_address" and "not a public address" in detail, url
+    assert not server.hits
+    # What a name may resolve to in IPv6 (URLs with IPv6 literals are refused as bad_url).
+    for address in ("::1", "::ffff:127.0.0.1", "fe80::1%eth0", "fd00::1", "ff02::1"):
+        with pytest.raises(Unusable, match="not a public address"):
+            download._public("example.org", address)
+    download._public("example.org", "2606:4700::1111")  # public: no exception
+    download._public("example.org", "1.1.1.1")
+    # A public address that redirects here would be refused at the redirect's connection; the
+    # same check runs on every connection, so the local redirect shows it.
+    assert failure(server.url("redirect/a.jpg"), strict)[0] == "blocked_address"
+    assert fetch(server.url("photos/a.jpg"), FAST, CAP) == photo
+
+
 def test_fetch_all_runs_side_by_side(server, photo):
-    many = DownloadConfig(timeout=5, retries=0, concurrency=8)
+    many = DownloadConfig(timeout=5, retries=0, concurrency=8, **LOCAL)
     urls = [server.url(f"slow/{i}.jpg") for i in range(8)]
     server.slow_seconds = 0.5
     started = time.monotonic()

@@ -54,7 +54,13 @@ def config(lite_config):
                 }  # fmt: skip
             ),
             "download": lite_config.download.model_copy(
-                update={"timeout": 0.5, "retries": 1, "backoff": 0.01, "max_bytes": 4 << 20}
+                update={
+                    "timeout": 0.5,
+                    "retries": 1,
+                    "backoff": 0.01,
+                    "max_bytes": 4 << 20,
+                    "private_addresses": True,  # the test server is on 127.0.0.1
+                }
             ),
         }
     )
@@ -155,7 +161,7 @@ def test_the_build_command_takes_the_column_options(server, tmp_path):
     out = tmp_path / "ds"
     args = ["build", str(table), "--out", str(out), "--models", "lite", "--no-prefect",
             "--url-column", "link", "--caption-column", "words", "--label-column", "who",
-            "--set", "download.timeout=2"]  # fmt: skip
+            "--set", "download.timeout=2", "--set", "download.private_addresses=true"]  # fmt: skip
     assert run_cli(app, args) == 0
     rows = {r["source"]: r for r in Dataset(str(out)).index().to_pylist()}
     kept = rows[server.url("photos/astronaut.jpg")]
