@@ -1,12 +1,30 @@
-"""Comparing a state dict with the keys and shapes a model expects, for strict released loads."""
+"""Released checkpoints: read safely, and compared with the keys and shapes a model expects."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 SHOWN = 5  # names listed per kind of difference; the rest are counted
+
+
+def torch_file(path: Path, mmap: bool = False):
+    """torch.load with `weights_only` (no arbitrary objects), or ValueError in one line that
+    names what went wrong (torch's own message alone can be a bare number for a foreign file).
+    `mmap`: tensors mapped, not read, where the file's format allows it."""
+    try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a file in torch's legacy format cannot be mapped
+                pass
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a foreign or unsafe file
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        raise ValueError(f"{path}: not a torch checkpoint that loads safely ({reason})") from None
 
 
 def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ from training.consistentid.convert import (
 from training.consistentid.model import VIT_H, ConsistentID, load_frozen
 from training.consistentid.pipeline import CONFIG, WEIGHTS, find_config, find_weights
 from training.consistentid.sdxl import ConsistentIDXL, base_variant, load_frozen_xl
-from training.state_dicts import check_state
+from training.state_dicts import check_state, torch_file
 
 RELEASE_ID_DIM = 512  # insightface buffalo_l embeddings
 
@@ -44,16 +44,7 @@ def load_release(path: str | Path, mmap: bool = False) -> dict:
             group, _, rest = key.partition(".")
             state.setdefault(group, {})[rest] = tensor
         return state
-    try:
-        if mmap:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # a file in torch's legacy format cannot be mapped
-                pass
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a foreign or unsafe file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a torch checkpoint that loads safely ({reason})") from None
+    return torch_file(path, mmap)
 
 
 NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}

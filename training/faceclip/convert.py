@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from training.faceclip.config import RELEASE_PREFIXES
-from training.state_dicts import check_state
+from training.state_dicts import check_state, torch_file
 
 OURS = "towers"
 
@@ -57,11 +57,7 @@ def read_release(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own and OS errors
             raise ValueError(f"{path}: not a safetensors file ({error})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a foreign or unsafe file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a torch checkpoint that loads safely ({reason})") from None
+    state = torch_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return state
