@@ -70,7 +70,7 @@ class InputNotFound(InputError, FileNotFoundError):
     """An input path, bucket or list file that does not exist."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: about 110 bytes less per planned input
 class InputItem:
     key: str
     source: str
@@ -89,7 +89,7 @@ class InputItem:
         return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardPlan:
     shard_id: int
     items: tuple[InputItem, ...]
@@ -317,10 +317,14 @@ def _absolute(entry: Entry) -> Entry:
 
 def _sorted_entries(found: Iterable[Entry]) -> list[Entry]:
     """Absolute, storable, one per source (the first an input gave), sorted by source."""
-    unique: dict[str, Entry] = {}
-    for entry in map(_absolute, found):
-        unique.setdefault(entry.source, entry)
-    return [unique[s] for s in sorted(unique)]
+    # A stable sort keeps repeats in input order, so the first of each run is the first given;
+    # no dict by source beside the list (at 10M inputs, about 1 GB).
+    entries = sorted(map(_absolute, found), key=_source)
+    return [e for i, e in enumerate(entries) if not i or e.source != entries[i - 1].source]
+
+
+def _source(entry: Entry) -> str:
+    return entry.source
 
 
 def collect_entries(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[Entry]:

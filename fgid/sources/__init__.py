@@ -34,7 +34,7 @@ class PlanError(ValueError):
     """A container or table that cannot be planned at all; the message is one line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """A planned source and what its table, archive or shard said about it."""
 
