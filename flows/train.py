@@ -253,7 +253,7 @@ def build_train_evaluate(
     - ConsistentID and FaceCLIP-SDXL are evaluated; an align-stage encoder alone is not (it would
       draw through an SDXL UNet never trained on it, which is no model to report).
     - `evaluate_baseline` adds ConsistentID's base model drawing the prompt alone
-      (baseline.TextOnlyGenerator, an SD 1.5 pipeline) as the comparison row."""
+      (baseline.TextOnlyGenerator: SD 1.5 or SDXL, as the base) as the comparison row."""
     logger = get_run_logger()
     tag_flow_run(["fgid", "build-train-evaluate", f"dataset:{storage.name(out)}"])
     if consistentid is not None:  # SD 1.5 or SDXL, before the weights are checked

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -424,3 +425,24 @@ def test_a_released_faceclip_run_goes_into_one_table(
     lines = md.read_text().splitlines()
     assert lines[4].startswith("| eval-fc-release | faceclip-sdxl-release | 4 |")
     assert f"| {release.row()['clip_t']:.1f} |" in lines[4]
+
+
+def test_the_text_only_baseline_of_an_sdxl_base_draws_with_sdxl(tiny_sdxl):
+    """An SDXL ConsistentID's comparison row: the same base drawing the prompt alone, with the
+    SDXL generator's sampler and guidance, not an SD 1.5 pipeline (which cannot load it)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from training.evaluation.baseline import TextOnlyGenerator
+
+    sdxl = TextOnlyGenerator.from_pretrained(
+        str(tiny_sdxl), device="cpu", steps=2, height=64, width=64
+    )
+    assert isinstance(sdxl.pipeline, StableDiffusionXLPipeline)
+    assert isinstance(sdxl.pipeline.scheduler, EulerDiscreteScheduler)
+    assert (sdxl.name, sdxl.guidance_scale) == ("sdxl-text-only", 7.5)
+    first = sdxl.generate(None, "a photo of a person", seed=3)
+    assert first.size == (64, 64)
+    again = sdxl.generate(None, "a photo of a person", seed=3)
+    other = sdxl.generate(None, "a painting of a person", seed=3)
+    assert np.array_equal(np.asarray(first), np.asarray(again))  # the seed fixes the image
+    assert not np.array_equal(np.asarray(first), np.asarray(other))  # the prompt is drawn

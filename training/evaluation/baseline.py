@@ -39,26 +39,47 @@ class TextOnlyGenerator:
         base_model: str,
         device: str = "auto",
         dtype: str = "auto",
-        scheduler: str = "ddim",
+        scheduler: str = "auto",
         **options,
     ) -> TextOnlyGenerator:
-        """Load a diffusers Stable Diffusion pipeline (hub name or folder with model_index.json).
+        """Load a diffusers Stable Diffusion pipeline (hub name or folder with model_index.json):
+        SD 1.5, or SDXL when the base's UNet takes SDXL's conditioning. An SDXL base draws as the
+        SDXL ConsistentID does (Euler, guidance 7.5, 1152 x 864, training/consistentid/sdxl.py)
+        unless `options` say otherwise, so that again only the identity differs.
 
         The safety checker is not loaded: it would blank some images of a run and not others,
         which no metric row could account for."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import (
+            DDIMScheduler,
+            EulerDiscreteScheduler,
+            StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
+        )
+
+        from training.consistentid.sdxl import base_variant
 
         device = resolve_device(device)
         if dtype == "auto":
             dtype = "float16" if device.startswith("cuda") else "float32"
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            base_model,
-            torch_dtype=getattr(torch, dtype),
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        if base_variant(base_model) == "sdxl":
+            pipeline = StableDiffusionXLPipeline.from_pretrained(
+                base_model, torch_dtype=getattr(torch, dtype)
+            )
+            options = {"name": "sdxl-text-only", "guidance_scale": 7.5, "height": 1152,
+                       "width": 864, **options}  # fmt: skip
+            scheduler = "euler" if scheduler == "auto" else scheduler
+        else:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                base_model,
+                torch_dtype=getattr(torch, dtype),
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+            scheduler = "ddim" if scheduler == "auto" else scheduler
         if scheduler == "ddim":
             pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        elif scheduler == "euler":
+            pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline.to(device), **options)
 
