@@ -174,15 +174,22 @@ def summarize(
     }
 
 
+# What grouping reads of the index; the summary's columns are read after the embeddings are gone.
+GROUPING_COLUMNS = ["key", "shard", "status", "sha256", "label"]
+
+
 def finalize(out_dir: str, config: BuildConfig) -> dict:
     dataset = Dataset(out_dir)
-    index = dataset.index([name for name in INDEX_SCHEMA.names if name != "embedding"])
+    index = dataset.index(GROUPING_COLUMNS)
     kept = index.filter(pc.equal(index["status"], STATUS_OK))
+    del index
     embeddings = read_embeddings(dataset, kept)
     identities = assign_identities(kept, embeddings, config, previous_identities(dataset, kept))
     dim = embeddings.shape[1] if kept.num_rows else None
-    del embeddings  # the largest thing finalize holds; the summary does not need it
+    del embeddings, kept  # the largest things finalize holds; the summary needs neither
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed blocks otherwise
     dataset.write_identities(identities)
+    index = dataset.index([name for name in INDEX_SCHEMA.names if name != "embedding"])
     summary = summarize(index, identities, dataset.root, config, dim)
     dataset.write_summary(summary)
     return summary
