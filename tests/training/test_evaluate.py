@@ -220,23 +220,31 @@ def test_a_released_consistentid_file_is_evaluated_as_it_is(released):
         assert -100 <= row["clip_t"] <= 100 and row["seconds"] > 0
 
 
-def test_runs_side_by_side_in_one_table(released, baseline_run, tmp_path, capsys):
-    from flows.cli import app
-    from flows.cli_common import run_cli
+def assert_side_by_side(release, ours, named: tuple[str, str]) -> None:
+    """compare_runs puts a release's run (folder and generator `named`) and the text-only one
+    in one table, each row with its run's own summary values."""
     from training.evaluation.compare import compare_runs
     from training.evaluation.run import SUMMARY_COLUMNS
 
-    (_, _, release), ours = released, baseline_run
     table = compare_runs([release.out_dir, ours.out_dir])
     assert table.notes == []  # the same references, prompts, seed and metric models
     assert [(r["run"], r["generator"], r["images"]) for r in table.rows] == [
-        ("eval-cid-release", "consistentid-release", 4),
+        (*named, 4),
         ("eval-text-only", "sd-text-only", 4),
     ]
     for row, run in zip(table.rows, (release, ours), strict=True):
         assert repr([row[c] for c in SUMMARY_COLUMNS]) == repr(
             [run.row()[c] for c in SUMMARY_COLUMNS]
         )  # repr: NaN (no FaceNet here) equals NaN
+
+
+def test_runs_side_by_side_in_one_table(released, baseline_run, tmp_path, capsys):
+    from flows.cli import app
+    from flows.cli_common import run_cli
+    from training.evaluation.compare import compare_runs
+
+    (_, _, release), ours = released, baseline_run
+    assert_side_by_side(release, ours, ("eval-cid-release", "consistentid-release"))
     style = compare_runs([release.out_dir, ours.out_dir], category="style")
     assert [r["images"] for r in style.rows] == [2, 2]
     assert style.rows[0]["clip_t"] == release.row("style")["clip_t"]
@@ -403,20 +411,9 @@ def test_a_released_faceclip_run_goes_into_one_table(
 ):
     from flows.cli import app
     from flows.cli_common import run_cli
-    from training.evaluation.compare import compare_runs
-    from training.evaluation.run import SUMMARY_COLUMNS
 
     *_, release = released_faceclip
-    table = compare_runs([release.out_dir, baseline_run.out_dir])
-    assert table.notes == []  # the same references, prompts, seed and metric models
-    assert [(r["run"], r["generator"], r["images"]) for r in table.rows] == [
-        ("eval-fc-release", "faceclip-sdxl-release", 4),
-        ("eval-text-only", "sd-text-only", 4),
-    ]
-    for row, run in zip(table.rows, (release, baseline_run), strict=True):
-        assert repr([row[c] for c in SUMMARY_COLUMNS]) == repr(
-            [run.row()[c] for c in SUMMARY_COLUMNS]
-        )  # repr: NaN (no FaceNet here) equals NaN
+    assert_side_by_side(release, baseline_run, ("eval-fc-release", "faceclip-sdxl-release"))
 
     md = tmp_path / "table.md"
     code = run_cli(app, ["evaluate-table", release.out_dir, baseline_run.out_dir, "--out", str(md)])
