@@ -8,9 +8,12 @@ its own seconds and peak RSS, so generation never counts.
 
 Prints one JSON line per size: samples, identities (true and found), seconds, peak_rss_mb,
 and, each in a child of its own, `planning` (prepare_output of a list file naming as many
-inputs) and `append` (finalize after APPEND_FRACTION more samples were appended: the new ones are
-clustered against the kept identities). `--build-sizes` adds one line per size for a whole
-plain-Python build of that many small JPEGs with bench-only stub models (bench/stub_models.py).
+inputs) and `append` (finalize after APPEND_FRACTION more samples were appended: the new ones
+are clustered against the kept identities). `--planning-sizes` adds one line per size for
+planning alone, and then planning the list grown by APPEND_FRACTION with --append (the recorded
+plan sorted and compared with the listing, the new inputs as new shards). `--build-sizes` adds
+one line per size for a whole plain-Python build of that many small JPEGs with bench-only stub
+models (bench/stub_models.py).
 
 Run:  uv run python -m bench.scale_bench [--sizes 20000,100000] [--shard-size 10000] [--keep DIR]
       uv run python -m bench.scale_bench --sizes '' --build-sizes 1000,10000
@@ -151,8 +154,9 @@ def run_child(spec: dict) -> None:
     if spec["kind"] == "planning":
         from fgid.pipeline import prepare_output
 
-        plans = prepare_output([spec["listing"]], spec["out"], BuildConfig(shard_size=10_000))
-        measured(started, inputs=sum(len(p.items) for p in plans))
+        config, append = BuildConfig(shard_size=10_000), spec.get("append", False)
+        plans = prepare_output([spec["listing"]], spec["out"], config, append)
+        measured(started, inputs=sum(p.size for p in plans), shards=len(plans))
     elif spec["kind"] == "append":
         from fgid.finalize import finalize
 
@@ -182,7 +186,8 @@ def append_dataset(out: Path, samples: int, added: int, shard_size: int) -> None
     people already in it (write_dataset's centres), half of new people."""
     from fgid import history
     from fgid.dataset import Dataset
-    from fgid.inputs import InputItem, ShardPlan
+    from fgid.inputs import InputItem, PlannedShard, ShardPlan
+    from fgid.planfile import copy_plan, write_plan
     from fgid.schema import INDEX_SCHEMA, STATUS_OK
 
     identities = max(1, samples // IMAGES_PER_IDENTITY)
@@ -221,8 +226,13 @@ def append_dataset(out: Path, samples: int, added: int, shard_size: int) -> None
             columns.setdefault(name, [None] * k)
         dataset.write_index(shard_id, pa.table(columns, schema=INDEX_SCHEMA))
         dataset.write_stats(shard_id, {"stages": {}, "ok": k})
-    history.start(dataset, history.APPEND, plans, ["synthetic"])
-    dataset.append_plan(plans)
+    history.start(dataset, history.APPEND, [PlannedShard(p.shard_id, len(p.items)) for p in plans],
+                  ["synthetic"])  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        added = str(Path(folder, "added"))
+        Path(added).mkdir()
+        write_plan(added, plans)
+        copy_plan(str(Path(added, "plan.parquet")), str(out), after_recorded=True)
 
 
 def write_images(folder: Path, count: int) -> None:
@@ -253,7 +263,11 @@ def planning_lines(root: Path, sizes: list[int]) -> None:
         listing, out = root / f"list{size}.txt", root / f"planned{size}"
         write_listing(listing, size)
         result = run_in_child("planning", listing=str(listing), out=str(out))
-        print(json.dumps({"planning_inputs": size, **result}), flush=True)
+        # The same list grown by APPEND_FRACTION, planned with --append: the recorded plan is
+        # sorted and compared with the listing, and the new inputs become new shards.
+        write_listing(listing, size + int(size * APPEND_FRACTION))
+        again = run_in_child("planning", listing=str(listing), out=str(out), append=True)
+        print(json.dumps({"planning_inputs": size, **result, "append": again}), flush=True)
         shutil.rmtree(out)
         listing.unlink()
 

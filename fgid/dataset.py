@@ -28,8 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import storage
+from fgid import planfile
 from fgid.errors import FailureError, UsageError
-from fgid.inputs import PLAN_FILE, ShardPlan, append_plan, plans_from_table, write_plan
+from fgid.inputs import PLAN_FILE, PlannedShard, ShardPlan
 from fgid.schema import IDENTITY_SCHEMA, INDEX_SCHEMA, STATUS_OK, shard_name
 from fgid.shardtar import OnSkip, UnsafeSample, is_key, open_samples
 from storage.lock import OutputHeld, OutputLock, describe, holder
@@ -165,14 +166,19 @@ class Dataset:
             return pq.read_table(handle, columns=columns)
 
     def read_plan(self) -> list[ShardPlan]:
-        return plans_from_table(self.plan_table())
+        """The whole plan in memory (small plans, tests); a build reads `outline`."""
+        return planfile.read_plan(self.path(PLAN_FILE))
+
+    def outline(self) -> list[PlannedShard]:
+        """The recorded plan's shards and their sizes, without their inputs."""
+        return planfile.outline(self.path(PLAN_FILE))
+
+    def shard_plan(self, shard_id: int) -> ShardPlan:
+        """One shard's inputs, read from the plan's row groups that hold it."""
+        return planfile.shard_plan(self.path(PLAN_FILE), shard_id)
 
     def write_plan(self, plans: list[ShardPlan]) -> None:
-        write_plan(self.root, plans)
-
-    def append_plan(self, plans: list[ShardPlan]) -> None:
-        """Add `plans` (new shards) after the recorded plan, whose rows are copied unchanged."""
-        append_plan(self.root, plans)
+        planfile.write_plan(self.root, plans)
 
     # Build history.
 
@@ -309,15 +315,11 @@ class Dataset:
     def removed_keys(self) -> set[str]:
         return {s["key"] for r in self.removal_records() for s in r["samples"]}
 
-    def without_removed(self, plans: list[ShardPlan]) -> list[ShardPlan]:
-        """The plan minus removed samples (shard ids unchanged, emptied shards dropped);
+    def removed_for_planning(self) -> set[str]:
+        """The keys a plan leaves out (taken down; a rerun neither rebuilds nor re-adds them);
         RemovalPending while a removal is unfinished."""
         self.check_no_pending_removal()
-        removed = self.removed_keys()
-        kept = [
-            ShardPlan(p.shard_id, tuple(i for i in p.items if i.key not in removed)) for p in plans
-        ]
-        return [p for p in kept if p.items]
+        return self.removed_keys()
 
     # Caption runs.
 

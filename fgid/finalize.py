@@ -107,7 +107,7 @@ def summarize(
     # Columns, not rows: a million index rows as Python dicts would take gigabytes.
     ok = index.filter(pc.equal(index["status"], STATUS_OK))
     dataset = Dataset(out_dir)
-    plan = dataset.read_plan()
+    plan = dataset.outline()
     done = dataset.done_shards()
     stage_totals: dict[str, list[float]] = {}
     waited = looped = 0.0
@@ -132,7 +132,7 @@ def summarize(
     return {
         "complete": len(done) == len(plan),
         "shards": {"planned": len(plan), "done": len(done)},
-        "inputs": {"planned": sum(len(p.items) for p in plan), "indexed": index.num_rows},
+        "inputs": {"planned": sum(p.size for p in plan), "indexed": index.num_rows},
         "samples": ok.num_rows,
         "rejected": index.num_rows - ok.num_rows,
         "rejection_reasons": dict(

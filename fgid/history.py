@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from fgid.dataset import Dataset, write_json
-from fgid.inputs import ShardPlan
+from fgid.inputs import PlannedShard
 
 BUILD, APPEND = "build", "append"
 PLANNED, DONE = "planned", "done"
@@ -23,7 +23,7 @@ def _now() -> str:
 def start(
     dataset: Dataset,
     kind: str,
-    plans: list[ShardPlan],
+    plans: list[PlannedShard],
     inputs: list[str],
     missing: int = 0,
 ) -> dict:
@@ -43,7 +43,7 @@ def start(
         "finished": None,
         "status": PLANNED,
         "inputs": [str(i) for i in inputs],
-        "inputs_added": sum(len(p.items) for p in plans),
+        "inputs_added": sum(p.size for p in plans),
         "inputs_missing": missing,
         "first_shard": first,
         "last_shard": plans[-1].shard_id if plans else None,
@@ -54,7 +54,7 @@ def start(
     return record
 
 
-def record_earlier_build(dataset: Dataset, plans: list[ShardPlan]) -> None:
+def record_earlier_build(dataset: Dataset, plans: list[PlannedShard]) -> None:
     """A dataset built before it kept a history gets a record of that build first."""
     if plans and not dataset.history():
         record = start(dataset, BUILD, plans, [])

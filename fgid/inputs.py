@@ -11,34 +11,38 @@ the same plan, so that finished shards stay valid.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import storage
+from fgid import sorting
 from fgid.config import InputsConfig
 from fgid.errors import UsageError
 from fgid.sources import BAD_URL, Entry, PlanError, container_kind, is_web, split_member
 from fgid.sources.archives import archive_entries, is_compressed_tar
 from fgid.sources.tables import table_entries, table_kind
 from storage.credentials import check_url
-from storage.local import NotRegularFile, read_regular
+from storage.local import NotRegularFile, open_regular
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".jpe"}
 )
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
-# List and labels files are read whole; a list of ten million paths is well under this.
+# Labels files are read whole, up to this; list files are read a line at a time.
 TEXT_MAX_BYTES = 1 << 30
+LIST_MAX_BYTES = 1 << 40
+LINE_MAX_BYTES = 1 << 20
 # A source whose name is not valid UTF-8 cannot be stored as text as it is: it is kept as this
 # prefix + the name with the bad bytes written as \xNN, and becomes an `unreadable` row. Local
 # sources are absolute and URLs have a scheme, so no real source starts with it.
@@ -91,8 +95,19 @@ class InputItem:
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
+    """One shard's inputs, in plan order: what process_shard builds."""
+
     shard_id: int
     items: tuple[InputItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedShard:
+    """A shard of the recorded plan without its inputs (read when it is built,
+    Dataset.shard_plan): a plan of ten million inputs is a thousand of these."""
+
+    shard_id: int
+    size: int
 
 
 def sample_key(source: str) -> str:
@@ -120,10 +135,9 @@ def is_dataset(folder: str | Path) -> bool:
     return os.path.isfile(os.path.join(folder, PLAN_FILE))
 
 
-def _walk_images(folder: Path, exclude: frozenset[str] = frozenset()) -> list[str]:
+def _walk_images(folder: Path, exclude: frozenset[str] = frozenset()) -> Iterator[str]:
     if is_dataset(folder) or os.path.abspath(folder) in exclude:
-        return []
-    found = []
+        return
     for root, dirs, files in os.walk(folder, followlinks=False):
         # An output folder inside an input folder: a rerun must not list what the build wrote.
         dirs[:] = [
@@ -132,8 +146,7 @@ def _walk_images(folder: Path, exclude: frozenset[str] = frozenset()) -> list[st
             if not is_dataset(os.path.join(root, d))
             and os.path.abspath(os.path.join(root, d)) not in exclude
         ]
-        found.extend(os.path.join(root, name) for name in sorted(files) if _is_image(name))
-    return found
+        yield from (os.path.join(root, name) for name in sorted(files) if _is_image(name))
 
 
 def _resolve(line: str, base: str) -> str:
@@ -151,36 +164,63 @@ def read_lines(path: str, what: str, limit: int = TEXT_MAX_BYTES) -> list[str]:
 
     Only a regular file (or an object) of at most `limit` bytes is read; anything else is an
     InputError naming `what` and the path, in one line."""
+    return list(iter_lines(path, what, limit))
+
+
+def iter_lines(path: str, what: str, limit: int = LIST_MAX_BYTES) -> Iterator[str]:
+    """read_lines a line at a time: a list of ten million paths is never held whole. A line
+    longer than LINE_MAX_BYTES, a NUL byte or more than `limit` bytes is an InputError."""
+    with _open_text_source(path, what) as handle:
+        total, number, rest = 0, 0, b""
+        while True:
+            chunk = handle.read(1 << 20)
+            total += len(chunk)
+            if total > limit:
+                raise InputError(f"{what} is larger than {limit} bytes: {path}")
+            if b"\0" in chunk:
+                raise InputError(f"{what} is not a text file (it holds NUL bytes): {path}")
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop() if chunk else b""
+            if not chunk and lines and not lines[-1]:
+                lines.pop()  # the file ended with a newline
+            for line in lines:
+                number += 1
+                if len(line) > LINE_MAX_BYTES:
+                    raise InputError(f"{path}:{number}: a line longer than {LINE_MAX_BYTES} bytes")
+                yield line.decode("utf-8", "surrogateescape").removesuffix("\r")
+            if len(rest) > LINE_MAX_BYTES:
+                raise InputError(f"{path}:{number + 1}: a line longer than {LINE_MAX_BYTES} bytes")
+            if not chunk:
+                return
+
+
+@contextlib.contextmanager
+def _open_text_source(path: str, what: str):
     if storage.is_remote(path):
         try:
             check_url(path)
             fs, inner = storage.filesystem(path)
-            with fs.open(inner, "rb") as handle:
-                data = handle.read(limit + 1)
+            handle = fs.open(inner, "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise InputNotFound(f"{what} not found: {path}") from None
         except ValueError as error:  # a URL with credentials: the message never repeats it
             raise InputError(f"{what}: {error}") from None
     else:
         try:
-            data = read_regular(path, limit)
+            handle = open_regular(path)
         except NotRegularFile as error:
             raise InputError(f"{what} is {error.kind}, not a regular file: {path}") from None
         except FileNotFoundError:
             raise InputNotFound(f"{what} not found: {path}") from None
         except OSError as error:
             raise InputError(f"{what} cannot be read: {path} ({error.strerror})") from None
-    if len(data) > limit:
-        raise InputError(f"{what} is larger than {limit} bytes: {path}")
-    if b"\0" in data:
-        raise InputError(f"{what} is not a text file (it holds NUL bytes): {path}")
-    return data.decode("utf-8", "surrogateescape").splitlines()
+    with handle:
+        yield handle
 
 
-def _read_list(path: str) -> list[str]:
+def _read_list(path: str) -> Iterator[str]:
     base = posixpath.dirname(path) if storage.is_remote(path) else str(Path(path).parent)
-    sources = []
-    for number, line in enumerate(read_lines(path, "list file"), 1):
+    for number, line in enumerate(iter_lines(path, "list file"), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -190,8 +230,7 @@ def _read_list(path: str) -> list[str]:
                 check_url(source)
             except ValueError as error:  # never stored, never repeated
                 raise InputError(f"{path}:{number}: {error}") from None
-        sources.append(source)
-    return sources
+        yield source
 
 
 def _is_list(path: str) -> bool:
@@ -211,7 +250,7 @@ def _collect_file(path: str, columns) -> list[Entry] | None:
         raise InputError(str(error)) from None
 
 
-def _collect_remote(url: str, columns) -> list[Entry]:
+def _collect_remote(url: str, columns) -> Iterable[Entry]:
     """An object-store URL: a prefix holding objects, a list object, a table, archive or
     shard, or one image object."""
     url = url.rstrip("/")
@@ -224,10 +263,10 @@ def _collect_remote(url: str, columns) -> list[Entry]:
     fs, path = storage.filesystem(url)
     if fs.isfile(path):
         if _is_list(url):
-            return [Entry(s) for s in _read_list(url)]
+            return map(Entry, _read_list(url))
         return _collect_file(url, columns) or [Entry(url)]
     if fs.isdir(path):
-        return [Entry(u) for u in storage.walk_files(url) if _is_image(storage.name(u))]
+        return (Entry(u) for u in storage.iter_files(url) if _is_image(storage.name(u)))
     parent = posixpath.dirname(path)
     if not parent or not fs.exists(parent):
         raise InputNotFound(f"input not found: {url}")
@@ -275,24 +314,26 @@ def expand_braces(pattern: str) -> list[str]:
     return names
 
 
-def _collect_one(raw: str, exclude: frozenset[str], columns=None) -> list[Entry]:
+def _collect_one(raw: str, exclude: frozenset[str], columns=None) -> Iterable[Entry]:
+    """The entries of one input, as a list or lazily (folders, buckets and list files, which
+    may name millions); a missing input raises at once, a bad list file when it is read."""
     columns = columns if columns is not None else InputsConfig()
     if "{" in raw and not storage.is_remote(raw) and not os.path.lexists(raw):
         expanded = expand_braces(raw)
         if expanded != [raw]:
-            return [e for name in expanded for e in _collect_one(name, exclude, columns)]
+            return chain.from_iterable(_collect_one(n, exclude, columns) for n in expanded)
     if storage.is_remote(raw):
         if "{" in raw and not is_web(raw):
             expanded = expand_braces(raw)
             if expanded != [raw]:
-                return [e for name in expanded for e in _collect_remote(name, columns)]
+                return chain.from_iterable(_collect_remote(n, columns) for n in expanded)
         return _collect_remote(raw, columns)
     path = Path(raw)
     if path.is_dir():
-        return [Entry(s) for s in _walk_images(path, exclude)]
+        return map(Entry, _walk_images(path, exclude))
     if path.suffix.lower() in LIST_SUFFIXES and (path.exists() or path.is_symlink()):
         # a FIFO or device named *.txt is refused, never read
-        return [Entry(s) for s in _read_list(str(path))]
+        return map(Entry, _read_list(str(path)))
     if not path.exists() and not path.is_symlink():
         raise InputNotFound(f"input not found: {raw}{_suggestion(path)}")
     if path.is_file():
@@ -315,25 +356,34 @@ def _absolute(entry: Entry) -> Entry:
     )
 
 
-def _sorted_entries(found: Iterable[Entry]) -> list[Entry]:
-    """Absolute, storable, one per source (the first an input gave), sorted by source."""
-    # A stable sort keeps repeats in input order, so the first of each run is the first given;
-    # no dict by source beside the list (at 10M inputs, about 1 GB).
-    entries = sorted(map(_absolute, found), key=_source)
-    return [e for i, e in enumerate(entries) if not i or e.source != entries[i - 1].source]
+ENTRY_SCHEMA = pa.schema([(name, pa.string()) for name in Entry.__slots__])
 
 
-def _source(entry: Entry) -> str:
-    return entry.source
+def _row(entry: Entry) -> tuple:
+    return (entry.source, entry.label, entry.caption, entry.license, entry.url, entry.extra)
+
+
+def sorted_entries(found: Iterable[Entry]) -> Iterator[Entry]:
+    """Absolute, storable, one per source (the first an input gave), sorted by source; sorted
+    in bounded memory (fgid.sorting), lazily."""
+    last = None
+    # A stable sort keeps repeats in input order, so the first of each run is the first given.
+    for row in sorting.sorted_rows(map(_row, map(_absolute, found)), ENTRY_SCHEMA):
+        if row[0] != last:
+            last = row[0]
+            yield Entry(*row)
+
+
+def iter_entries(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> Iterator[Entry]:
+    """collect_entries, lazily; an input that does not exist raises before any is yielded."""
+    skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
+    found = [_collect_one(str(raw), skip, columns) for raw in inputs]
+    return sorted_entries(chain.from_iterable(found))
 
 
 def collect_entries(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[Entry]:
     """collect_sources, with what each source's table or shard said about it."""
-    skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
-    found: list[Entry] = []
-    for raw in inputs:
-        found.extend(_collect_one(str(raw), skip, columns))
-    return _sorted_entries(found)
+    return list(iter_entries(inputs, exclude, columns))
 
 
 def collect_sources(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[str]:
@@ -346,33 +396,39 @@ def collect_sources(inputs: list[str], exclude: Iterable[str] = (), columns=None
     (webdataset shards too) gives a source per row or image member (`columns`: an InputsConfig
     naming the table's columns). Any other input is taken as one image; one that does not
     exist raises InputNotFound. URLs with credentials raise InputError."""
-    return [e.source for e in collect_entries(inputs, exclude, columns)]
+    return [e.source for e in iter_entries(inputs, exclude, columns)]
 
 
-def check_inputs(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> list[str]:
-    """The sources a build of `inputs` would plan, or InputError naming every problem at once.
+def check_inputs(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> int:
+    """How many sources a build of `inputs` would plan, or InputError naming every problem.
 
     For a command to call before it writes anything: an input that does not exist (with the
     nearest existing name as a hint), a folder, prefix, list file, table or archive that yields
     no image, a bad list file, table or archive, a URL with credentials, or no image at all.
-    Each problem is one line in `InputError.problems`; the messages never repeat a credential."""
+    Each problem is one line in `InputError.problems`; the messages never repeat a credential.
+    Counted in bounded memory, as planning lists them."""
     skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
     problems: list[str] = []
-    found: list[Entry] = []
-    for raw in map(str, inputs):
-        try:
-            entries = _collect_one(raw, skip, columns)
-        except InputError as error:
-            problems.extend(error.problems)
-            continue
-        if not entries:
-            problems.append(f"no images found in {raw}")
-        found.extend(entries)
+
+    def each_input() -> Iterator[Entry]:
+        for raw in map(str, inputs):
+            given = 0
+            try:
+                for entry in _collect_one(raw, skip, columns):
+                    given += 1
+                    yield entry
+            except InputError as error:
+                problems.extend(error.problems)
+                continue
+            if not given:
+                problems.append(f"no images found in {raw}")
+
+    sources = sum(1 for _ in sorted_entries(each_input()))
     if problems:
         raise InputError(*problems)
-    if not found:
+    if not sources:
         raise InputError(f"no images found in the inputs: {', '.join(map(str, inputs)) or '-'}")
-    return [e.source for e in _sorted_entries(found)]
+    return sources
 
 
 def read_labels(path: str | None) -> dict[str, str]:
@@ -396,6 +452,20 @@ def read_labels(path: str | None) -> dict[str, str]:
     return labels
 
 
+def iter_items(
+    inputs: list[str],
+    labels_file: str | None = None,
+    exclude: Iterable[str] = (),
+    columns=None,
+) -> Iterator[InputItem]:
+    """The planned inputs in source order, lazily; `exclude` and `columns` as for
+    collect_sources. A label from a table or shard wins over the labels file's."""
+    labels = read_labels(labels_file)
+    for e in iter_entries(inputs, exclude, columns):
+        label = e.label if e.label is not None else labels.get(storage.name(e.source))
+        yield InputItem(sample_key(e.source), e.source, label, e.caption, e.license, e.url, e.extra)
+
+
 def plan_shards(
     inputs: list[str],
     shard_size: int,
@@ -403,96 +473,10 @@ def plan_shards(
     exclude: Iterable[str] = (),
     columns=None,
 ) -> list[ShardPlan]:
-    """Shards of `shard_size` inputs in source order; `exclude` and `columns` as for
-    collect_sources. A label from a table or shard wins over the labels file's."""
-    labels = read_labels(labels_file)
-    items = [
-        InputItem(
-            sample_key(e.source),
-            e.source,
-            e.label if e.label is not None else labels.get(storage.name(e.source)),
-            e.caption,
-            e.license,
-            e.url,
-            e.extra,
-        )
-        for e in collect_entries(inputs, exclude, columns)
-    ]
+    """Shards of `shard_size` inputs in source order, in memory (see write_listing for a plan
+    of any size); arguments as iter_items."""
+    items = list(iter_items(inputs, labels_file, exclude, columns))
     return [
         ShardPlan(i // shard_size, tuple(items[i : i + shard_size]))
         for i in range(0, len(items), shard_size)
     ]
-
-
-ITEM_COLUMNS = ("key", "source", "label", "caption", "license", "source_url", "extra")
-
-
-# Rows per row group of plan.parquet: written and read a group at a time.
-PLAN_ROW_GROUP = 65_536
-
-
-def plan_table(plans: list[ShardPlan]) -> pa.Table:
-    # Column by column: a row tuple per input would double what the plan holds while it is built.
-    shards = pa.array([p.shard_id for p in plans for _ in p.items], pa.int32())
-    columns = [
-        pa.array([getattr(item, name) for p in plans for item in p.items], field.type)
-        for name, field in zip(ITEM_COLUMNS, list(PLAN_SCHEMA)[1:], strict=True)
-    ]
-    return pa.Table.from_arrays([shards, *columns], schema=PLAN_SCHEMA)
-
-
-def plans_from_table(table: pa.Table) -> list[ShardPlan]:
-    grouped: dict[int, list[InputItem]] = {}
-    for batch in table.to_batches(PLAN_ROW_GROUP):  # Python values for one batch at a time
-        columns = [
-            batch.column(c).to_pylist() if c in batch.schema.names else [None] * batch.num_rows
-            for c in ("shard", *ITEM_COLUMNS)
-        ]
-        for shard, *fields in zip(*columns, strict=True):
-            grouped.setdefault(shard, []).append(InputItem(*fields))
-    return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]
-
-
-def _groups(plans: list[ShardPlan]):
-    """Runs of whole shards of about PLAN_ROW_GROUP inputs."""
-    start = rows = 0
-    for i, plan in enumerate(plans):
-        rows += len(plan.items)
-        if rows >= PLAN_ROW_GROUP:
-            yield plans[start : i + 1]
-            start, rows = i + 1, 0
-    if start < len(plans) or not plans:
-        yield plans[start:]
-
-
-def write_plan(out_dir: str, plans: list[ShardPlan]) -> None:
-    url = storage.join(out_dir, PLAN_FILE)
-    with storage.atomic_open(url) as handle, pq.ParquetWriter(handle, PLAN_SCHEMA) as writer:
-        for group in _groups(plans):
-            writer.write_table(plan_table(group))
-
-
-def append_plan(out_dir: str, plans: list[ShardPlan]) -> None:
-    """Rewrite the plan with `plans` after its rows: the recorded rows are copied a row group at
-    a time, never all in memory, and a plan written before a column existed gains it as nulls."""
-    url = storage.join(out_dir, PLAN_FILE)
-    with storage.open_input(url) as source, storage.atomic_open(url) as handle:
-        recorded = pq.ParquetFile(source)
-        with pq.ParquetWriter(handle, PLAN_SCHEMA) as writer:
-            for group in range(recorded.num_row_groups):
-                writer.write_table(_with_plan_schema(recorded.read_row_group(group)))
-            for group in _groups(plans):
-                writer.write_table(plan_table(group))
-
-
-def _with_plan_schema(table: pa.Table) -> pa.Table:
-    columns = [
-        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-        for f in PLAN_SCHEMA
-    ]
-    return pa.Table.from_arrays(columns, schema=PLAN_SCHEMA)
-
-
-def read_plan(out_dir: str) -> list[ShardPlan]:
-    with storage.open_input(storage.join(str(out_dir), PLAN_FILE)) as handle:
-        return plans_from_table(pq.read_table(handle))

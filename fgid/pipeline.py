@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib.metadata import version
 
+import storage
 from fgid import history, progress
 from fgid.config import BuildConfig
 from fgid.dataset import Dataset, NotADataset
 from fgid.errors import UsageError
-from fgid.inputs import InputItem, ShardPlan, plan_shards
+from fgid.inputs import PLAN_FILE, InputItem, PlannedShard, ShardPlan, iter_items
+from fgid.planfile import PlanWriter, copy_plan, diff_plans, write_listing
 from fgid.prefetch import ReadAhead, ThreadedDecodeStage
 from fgid.protocols import ModelSet
 from fgid.sample import Sample
@@ -65,83 +69,66 @@ def build_stages(
 
 def prepare_output(
     inputs: list[str], out_dir: str, config: BuildConfig, append: bool = False
-) -> list[ShardPlan]:
-    """Plan the shards and record the plan, or check a rerun against the recorded one.
+) -> list[PlannedShard]:
+    """Plan the shards and record the plan, or check a rerun against the recorded one; returns
+    the plan's outline (each shard's inputs are read when it is built: Dataset.shard_plan).
 
     With `append`, inputs the recorded plan lacks become new shards numbered after the existing
     ones (the recorded rows stay as they are), recorded in the build history; inputs that
-    disappeared are reported and kept."""
+    disappeared are reported and kept. Listing, sorting and comparing run in bounded memory:
+    the listing goes to a local temporary plan file first (fgid.planfile)."""
     dataset = Dataset(out_dir)
     # A caller that holds the dataset's lock passes; a build while another process holds it
     # would delete that process's files or mix two plans: refused (DatasetInUse).
     dataset.check_free()
     dataset.prepare()
-    # Samples taken down by fgid.removal stay out of the plan, so a rerun neither rebuilds nor
-    # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
-    planned = plan_shards(inputs, config.shard_size, config.labels, columns=config.inputs)
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
         "format_version": FORMAT_VERSION,
     }
     previous = dataset.build_info()
-    if previous is None:
-        plans = dataset.without_removed(planned)
-        history.start(dataset, history.BUILD, plans, inputs)
-        dataset.write_plan(plans)
-        dataset.write_build_info(build_info)
-        return plans
-    if previous["config_hash"] != build_info["config_hash"]:
-        changed = config_changes(previous.get("config", {}), build_info["config"])
-        raise OutputMismatch(
-            f"{dataset.root} was built with another configuration ({changed}); use a new --out, "
-            "or the settings of the first run"
-        )
-    recorded = dataset.read_plan()
-    planned = dataset.without_removed(planned)
-    if not append:
-        # An appended dataset's shards are not one sharding of its inputs: the same inputs
-        # with the same fields is the same plan.
-        if _items(recorded) != _items(planned):
-            added = "; or --append to add the new inputs to it" if _added(recorded, planned) else ""
+    # Samples taken down by fgid.removal stay out of the plan, so a rerun neither rebuilds nor
+    # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
+    removed = dataset.removed_for_planning()
+    items = iter_items(inputs, config.labels, columns=config.inputs)
+    with tempfile.TemporaryDirectory(prefix="fgid-plan-") as folder:
+        listing = os.path.join(folder, "listing.parquet")
+        planned = write_listing(listing, items, config.shard_size, removed)
+        if previous is None:
+            history.start(dataset, history.BUILD, planned, inputs)
+            copy_plan(listing, dataset.root)
+            dataset.write_build_info(build_info)
+            return planned
+        if previous["config_hash"] != build_info["config_hash"]:
+            changed = config_changes(previous.get("config", {}), build_info["config"])
             raise OutputMismatch(
-                f"{dataset.root} was planned from other inputs ({plan_changes(recorded, planned)}"
-                f"); use a new --out, or the inputs of the first run{added}"
+                f"{dataset.root} was built with another configuration ({changed}); use a new "
+                "--out, or the settings of the first run"
             )
-        return recorded
-    return recorded + _append(dataset, recorded, planned, inputs, config.shard_size)
-
-
-def _items(plans: list[ShardPlan]) -> dict[str, InputItem]:
-    return {item.key: item for plan in plans for item in plan.items}
-
-
-def _added(recorded: list[ShardPlan], plans: list[ShardPlan]) -> bool:
-    return bool(_items(plans).keys() - _items(recorded).keys())
+        recorded = dataset.outline()
+        if not append:
+            # An appended dataset's shards are not one sharding of its inputs: the same inputs
+            # with the same fields is the same plan.
+            diff = diff_plans(dataset.path(PLAN_FILE), listing)
+            if not diff.same:
+                added = "; or --append to add the new inputs to it" if diff.added else ""
+                raise OutputMismatch(
+                    f"{dataset.root} was planned from other inputs ({diff.describe()}); use a "
+                    f"new --out, or the inputs of the first run{added}"
+                )
+            return recorded
+        return recorded + _append(dataset, recorded, listing, inputs, config.shard_size)
 
 
 def _append(
     dataset: Dataset,
-    recorded: list[ShardPlan],
-    planned: list[ShardPlan],
+    recorded: list[PlannedShard],
+    listing: str,
     inputs: list[str],
     shard_size: int,
-) -> list[ShardPlan]:
+) -> list[PlannedShard]:
     """Shards for the inputs `recorded` lacks, numbered after every shard it ever had."""
-    known = _items(recorded).keys()
-    found = [item for plan in planned for item in plan.items]
-    new = [item for item in found if item.key not in known]
-    missing = len(_items(recorded).keys() - {item.key for item in found})
-    if missing:
-        log.warning(
-            "%d planned inputs are no longer in the inputs; their shards stay (`fgid remove` "
-            "takes samples out)",
-            missing,
-        )
-    if not new:
-        log.info("nothing new in the inputs")
-        return []
-    history.record_earlier_build(dataset, recorded)
     done = [r for r in dataset.history() if r["status"] == history.DONE]
     first = 1 + max(
         [p.shard_id for p in recorded]
@@ -150,15 +137,27 @@ def _append(
         + [r["last_shard"] for r in done if r.get("last_shard") is not None],
         default=-1,
     )
-    plans = [
-        ShardPlan(first + i // shard_size, tuple(new[i : i + shard_size]))
-        for i in range(0, len(new), shard_size)
-    ]
-    record = history.start(dataset, history.APPEND, plans, inputs, missing)
-    dataset.append_plan(plans)
+    added = os.path.join(os.path.dirname(listing), "added.parquet")
+    with storage.atomic_open(added) as handle, PlanWriter(handle) as writer:
+        diff = diff_plans(
+            dataset.path(PLAN_FILE), listing, writer, shard_size=shard_size, first=first
+        )
+    plans = writer.outline()
+    if diff.missing:
+        log.warning(
+            "%d planned inputs are no longer in the inputs; their shards stay (`fgid remove` "
+            "takes samples out)",
+            diff.missing,
+        )
+    if not plans:
+        log.info("nothing new in the inputs")
+        return []
+    history.record_earlier_build(dataset, recorded)
+    record = history.start(dataset, history.APPEND, plans, inputs, diff.missing)
+    copy_plan(added, dataset.root, after_recorded=True)
     log.info(
         "appending %d inputs as shards %d-%d (build %d)",
-        len(new),
+        diff.added,
         plans[0].shard_id,
         plans[-1].shard_id,
         record["number"],
@@ -177,19 +176,6 @@ def config_changes(before: dict, now: dict, prefix: str = "") -> str:
         elif old != new:
             diffs.append(f"{prefix}{name} {old!r} -> {new!r}")
     return ", ".join(diffs)
-
-
-def plan_changes(recorded: list[ShardPlan], plans: list[ShardPlan]) -> str:
-    """'3 inputs added, 1 missing since the first run', or how the sharding differs."""
-    before = {i.key: (p.shard_id, i) for p in recorded for i in p.items}
-    now = {i.key: (p.shard_id, i) for p in plans for i in p.items}
-    added, missing = len(now.keys() - before.keys()), len(before.keys() - now.keys())
-    parts = [f"{added} input{'s' * (added != 1)} added"] if added else []
-    parts += [f"{missing} missing"] if missing else []
-    if parts:
-        return ", ".join(parts) + " since the first run"
-    moved = sum(before[k] != now[k] for k in now)
-    return f"{moved} input{'s' * (moved != 1)} in other shards or with other labels than at first"
 
 
 def shard_done(out_dir: str, shard_id: int) -> bool:
@@ -326,7 +312,7 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
     return stats
 
 
-def up_to_date(out_dir: str, plans: list[ShardPlan]) -> bool:
+def up_to_date(out_dir: str, plans: list[PlannedShard]) -> bool:
     """Every planned shard done and finalized since, no build record open: nothing to do."""
     dataset = Dataset(out_dir)
     if history.pending(dataset) or not all(dataset.shard_done(p.shard_id) for p in plans):
@@ -335,7 +321,7 @@ def up_to_date(out_dir: str, plans: list[ShardPlan]) -> bool:
         summary = dataset.summary()
     except NotADataset:
         return False
-    planned = sum(len(p.items) for p in plans)
+    planned = sum(p.size for p in plans)
     return (
         summary["shards"] == {"planned": len(plans), "done": len(plans)}
         and summary["inputs"]["planned"] == planned
@@ -370,8 +356,10 @@ def build(
                 progress.shard_skipped(shard_stats(out_dir, plan.shard_id))
         if todo and models is None:
             models = stack.enter_context(leased_model_set(config))
+        dataset = Dataset(out_dir)
         for plan in todo:
-            progress.shard_finished(process_shard(plan, out_dir, config, models))
+            shard = dataset.shard_plan(plan.shard_id)
+            progress.shard_finished(process_shard(shard, out_dir, config, models))
         summary = finalize(out_dir, config)
         write_card(out_dir, summary)
         record_finished(out_dir, summary)

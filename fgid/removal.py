@@ -21,13 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import storage
+from fgid import planfile
 from fgid.captioning.journal import purge
 from fgid.card import write_card
 from fgid.config import BuildConfig
 from fgid.dataset import REMOVAL_DONE, Dataset, write_json
 from fgid.dataset import RemovalPending as RemovalPending  # where callers catch it
 from fgid.finalize import finalize
-from fgid.inputs import plans_from_table, sample_key
+from fgid.inputs import sample_key
 from fgid.schema import STATUS_OK, reason_code
 from fgid.shardtar import add_sample, rewrite_tar
 
@@ -166,10 +167,7 @@ def _apply(out: str, record: dict, config: BuildConfig) -> dict:
             done[action].append(shard_id)
     for journal in dataset.journals():
         purge(journal, keys)
-    plan = dataset.plan_table()
-    hit = _hits(plan, keys)
-    if pc.any(hit).as_py():
-        dataset.write_plan(plans_from_table(plan.filter(pc.invert(hit))))
+    planfile.drop_keys(out, keys)
     write_card(out, finalize(out, config))  # the card's counts and plots must not go stale
     record.update(status=DONE, completed=datetime.now(UTC).isoformat(timespec="seconds"))
     _write_json(url, record)

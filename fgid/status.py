@@ -116,7 +116,7 @@ def build_status(dataset: Dataset) -> dict:
 @contextlib.contextmanager
 def recording(dataset: Dataset, plans: list, run_url: str | None = None) -> Iterator[None]:
     """Keep the dataset's status file current while the body builds `plans`."""
-    recorder = StatusRecorder(dataset, sum(len(p.items) for p in plans), run_url)
+    recorder = StatusRecorder(dataset, sum(p.size for p in plans), run_url)
     unsubscribe = progress.subscribe(recorder)
     try:
         yield

@@ -19,7 +19,7 @@ from fgid.config import BuildConfig
 from fgid.dataset import Dataset
 from fgid.errors import FailureError
 from fgid.finalize import finalize
-from fgid.inputs import ShardPlan
+from fgid.inputs import PlannedShard
 from fgid.models import leased_model_set
 from fgid.pipeline import (
     prepare_output,
@@ -46,7 +46,7 @@ class ShardsFailed(FailureError):
 # Only errors that can clear up are retried (flows/retries.py): a lost connection, a throttled
 # object store.
 @task(**SHARD_RETRIES, cache_policy=NO_CACHE, log_prints=False)
-def build_shard(plan: ShardPlan, out_dir: str, config: BuildConfig) -> dict:
+def build_shard(plan: PlannedShard, out_dir: str, config: BuildConfig) -> dict:
     """Process one shard, or report it as already done (a retry after a crash at commit).
 
     Returns its stats plus `task_seconds`: the whole task, model loading included, which is
@@ -58,7 +58,7 @@ def build_shard(plan: ShardPlan, out_dir: str, config: BuildConfig) -> dict:
         logger.info("shard %05d already done", plan.shard_id)
         return shard_stats(out_dir, plan.shard_id)
     with leased_model_set(config) as models:
-        stats = process_shard(plan, out_dir, config, models)
+        stats = process_shard(Dataset(out_dir).shard_plan(plan.shard_id), out_dir, config, models)
     seconds = round(time.perf_counter() - started, 3)
     logger.info(
         "shard %05d: %d inputs, %d ok, %d rejected (%s) in %.1fs, %.1fs with model loading",
@@ -123,7 +123,7 @@ def build(
     name = dataset_name(out)
     tag_flow_run(run_tags(name, config))
     with Dataset(out).lock("fgid build"):
-        plans: list[ShardPlan] = prepare_output(inputs, out, config, append)
+        plans: list[PlannedShard] = prepare_output(inputs, out, config, append)
         if append and up_to_date(out, plans):
             get_run_logger().info("nothing new: %s is up to date", out)
             return Dataset(out).summary()
@@ -132,7 +132,7 @@ def build(
 
 
 def _build_shards(
-    plans: list[ShardPlan], inputs: list[str], out: str, config: BuildConfig, name: str
+    plans: list[PlannedShard], inputs: list[str], out: str, config: BuildConfig, name: str
 ) -> dict:
     logger = get_run_logger()
     todo = [p for p in plans if not shard_done(out, p.shard_id)]
@@ -177,7 +177,7 @@ def _build_shards(
 
 
 def _run_shards(
-    todo: list[ShardPlan], out: str, config: BuildConfig, report: BuildReport, tags: list[str]
+    todo: list[PlannedShard], out: str, config: BuildConfig, report: BuildReport, tags: list[str]
 ) -> None:
     """Submit every shard and follow them from this (the flow's) thread as they finish.
 

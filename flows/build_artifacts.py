@@ -25,7 +25,7 @@ from prefect.client.schemas.actions import ArtifactUpdate
 import storage
 from fgid import progress
 from fgid.config import BuildConfig
-from fgid.inputs import ShardPlan
+from fgid.inputs import PlannedShard
 from fgid.report import STAGES, summary_markdown, summary_table
 from fgid.schema import shard_name
 
@@ -97,16 +97,16 @@ class BuildReport:
     called only from the flow's thread, turns them into at most one API update every
     UPDATE_SECONDS."""
 
-    def __init__(self, name: str, plans: list[ShardPlan], done_before: list[dict]) -> None:
+    def __init__(self, name: str, plans: list[PlannedShard], done_before: list[dict]) -> None:
         self.name = name
         self.planned_shards = len(plans)
-        self.planned_inputs = sum(len(p.items) for p in plans)
+        self.planned_inputs = sum(p.size for p in plans)
         self.tracker = progress.Tracker()
         self.rows: dict[int, dict] = {
             p.shard_id: {
                 "shard": shard_name(p.shard_id),
                 "state": "planned",
-                "inputs": len(p.items),
+                "inputs": p.size,
             }
             for p in plans
         }

@@ -160,7 +160,7 @@ def _run_build(
     except ValueError as error:  # the message never repeats the URL
         raise typer.BadParameter(str(error), param_hint="INPUTS / --out") from None
     # Mistakes are refused before anything is written: missing inputs, no images, bad labels.
-    total = len(check_inputs(inputs, exclude=[out], columns=cfg.inputs))
+    total = check_inputs(inputs, exclude=[out], columns=cfg.inputs)
     read_labels(cfg.labels)
     console.print(
         f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})"

@@ -6,6 +6,7 @@ from storage.files import (
     filesystem,
     is_dir,
     is_remote,
+    iter_files,
     join,
     list_files,
     makedirs,
@@ -20,6 +21,6 @@ from storage.files import (
 
 __all__ = [
     "atomic_open", "atomic_write_bytes", "atomic_write_text", "exists", "filesystem", "is_dir",
-    "is_remote", "join", "list_files", "makedirs", "name", "open_input", "read_bytes", "read_text",
-    "remove", "remove_stale_tmp", "size", "walk_files",
+    "is_remote", "iter_files", "join", "list_files", "makedirs", "name", "open_input",
+    "read_bytes", "read_text", "remove", "remove_stale_tmp", "size", "walk_files",
 ]  # fmt: skip

@@ -11,6 +11,7 @@ import fnmatch
 import io
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -110,6 +111,18 @@ def walk_files(folder: str | Path) -> list[str]:
     if not fs.isdir(path):
         return []
     return sorted(_url(fs, found, str(folder)) for found in fs.find(path))
+
+
+def iter_files(folder: str | Path) -> Iterator[str]:
+    """Every file below `folder`, at any depth, a directory at a time (sorted within one, not
+    across them): a bucket of millions of objects is never one list; names as `folder` spells
+    them."""
+    fs, path = filesystem(folder)
+    if not fs.isdir(path):
+        return
+    for root, _dirs, files in fs.walk(path):
+        yield from (_url(fs, posixpath.join(root, name), str(folder)) for name in sorted(files))
+        fs.invalidate_cache(root)  # the listing cache would hold every name seen
 
 
 def remove(url: str | Path) -> None:

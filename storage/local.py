@@ -35,15 +35,9 @@ def read_regular(path: str, limit: int) -> bytes:
     Special files raise NotRegularFile before they are opened: opening a FIFO blocks until a
     writer comes, and reading a device (/dev/zero) never ends. The open is non-blocking in case
     the path is swapped for one of them between the check and the open."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise NotRegularFile(path, file_kind(info.st_mode))
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
+    fd = _open_regular_fd(path)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFile(path, file_kind(info.st_mode))
         # One read of the size stat reports (+1 to see growth) is the usual case; past that,
         # small chunks up to the limit.
         expected = min(info.st_size, limit) + 1
@@ -59,3 +53,27 @@ def read_regular(path: str, limit: int) -> bytes:
     finally:
         os.close(fd)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def open_regular(path: str):
+    """The regular file at `path` opened for binary reading (symlinks followed), checked as
+    read_regular checks it: special files raise NotRegularFile and are never opened blocking."""
+    return os.fdopen(_open_regular_fd(path), "rb")
+
+
+def _open_regular_fd(path: str) -> int:
+    """A descriptor of the regular file at `path`; NotRegularFile for anything else, checked
+    before the open and again on the descriptor (the path may be swapped in between)."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFile(path, file_kind(info.st_mode))
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(path, file_kind(info.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

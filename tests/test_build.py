@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from fgid.dataset import Dataset
 from fgid.pipeline import OutputMismatch, build, process_shard, shard_done
 from fgid.schema import CAPTION_PROMPT, INDEX_SCHEMA, SAMPLE_FIELDS
 
@@ -145,7 +146,8 @@ def test_rerun_skips_done_shards_and_refuses_other_settings(built, demo_inputs, 
 def test_failed_shard_leaves_nothing_behind(tmp_path, demo_inputs, lite_config, lite_models):
     from fgid.pipeline import prepare_output
 
-    plans = prepare_output([str(demo_inputs)], tmp_path, lite_config)
+    prepare_output([str(demo_inputs)], tmp_path, lite_config)
+    plans = Dataset(tmp_path).read_plan()
 
     class Exploding:
         name, unseen_classes = "boom", frozenset()
@@ -165,7 +167,8 @@ def test_model_error_on_one_batch_becomes_stage_error_rows(
 ):
     from fgid.pipeline import prepare_output
 
-    plans = prepare_output([str(demo_inputs)], tmp_path, lite_config)
+    prepare_output([str(demo_inputs)], tmp_path, lite_config)
+    plans = Dataset(tmp_path).read_plan()
 
     original = np.asarray(Image.open(demo_inputs / "astronaut.png").convert("RGB"))
 

@@ -12,10 +12,9 @@ from fgid.inputs import (
     check_inputs,
     collect_sources,
     plan_shards,
-    plan_table,
-    plans_from_table,
     sample_key,
 )
+from fgid.planfile import plan_table, plans_from_table
 
 
 def test_folders_lists_and_files_expand_sorted_without_repeats(tmp_path):
@@ -131,7 +130,7 @@ def test_check_inputs_lists_every_problem_before_anything_is_planned(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.md").write_text("no images here")
-    assert check_inputs([str(tmp_path / "photos")]) == [str(tmp_path / "photos" / "a.jpg")]
+    assert check_inputs([str(tmp_path / "photos"), str(tmp_path / "photos" / "a.jpg")]) == 1
     with pytest.raises(InputError) as caught:
         check_inputs([str(tmp_path / "photos"), str(tmp_path / "empty"), str(tmp_path / "phots")])
     assert caught.value.problems == [
@@ -160,6 +159,7 @@ def test_a_build_output_inside_an_input_folder_is_never_an_input(
 ):
     import shutil
 
+    from fgid.dataset import Dataset
     from fgid.pipeline import build, prepare_output
 
     photos = tmp_path / "photos"
@@ -169,8 +169,8 @@ def test_a_build_output_inside_an_input_folder_is_never_an_input(
     first = build([str(photos)], out, config, lite_models)
     assert list((out / "card").glob("*.png"))  # images the build wrote inside the input folder
     again = prepare_output([str(photos)], str(out), config)  # would be refused if they counted
-    assert sum(len(p.items) for p in again) == first["inputs"]["planned"]
-    assert not [it for p in again for it in p.items if "fgid-out" in it.source]
+    assert sum(p.size for p in again) == first["inputs"]["planned"]
+    assert not [it for p in Dataset(out).read_plan() for it in p.items if "fgid-out" in it.source]
     # Told explicitly, too (before the first run writes anything there).
     (photos / "later").mkdir()
     (photos / "later" / "x.png").write_bytes(b"x")
@@ -211,9 +211,29 @@ def test_finalize_columns_of_an_old_shard_index_read_as_nulls(tmp_path):
 def test_web_urls_in_inputs_and_lists_are_sources_never_listed(tmp_path):
     listing = tmp_path / "urls.txt"
     listing.write_text("https://example.com/a.jpg\nhttp://example.com/b.jpg\n")
-    sources = check_inputs([str(listing), "https://example.com/c.jpg"])
+    assert check_inputs([str(listing), "https://example.com/c.jpg"]) == 3
+    sources = collect_sources([str(listing), "https://example.com/c.jpg"])
     assert sources == [
         "http://example.com/b.jpg",
         "https://example.com/a.jpg",
         "https://example.com/c.jpg",
     ]
+
+
+def test_a_list_file_is_read_a_line_at_a_time_and_refused_at_its_first_bad_part(
+    tmp_path, monkeypatch
+):
+    import fgid.inputs
+
+    monkeypatch.setattr(fgid.inputs, "LINE_MAX_BYTES", 64)
+    good = tmp_path / "good.txt"
+    good.write_bytes(b"a.jpg\r\n\n# note\nsub/b.jpg")  # CRLF, a comment, no final newline
+    assert collect_sources([str(good)]) == [str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.jpg")]
+    long = tmp_path / "long.txt"
+    long.write_bytes(b"a.jpg\n" + b"x" * 65 + b".jpg\n")
+    with pytest.raises(InputError, match=r"long.txt:2: a line longer than 64 bytes"):
+        collect_sources([str(long)])
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"a.jpg\n\0\0")
+    with pytest.raises(InputError, match="list file is not a text file"):
+        check_inputs([str(binary)])

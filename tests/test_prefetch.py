@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fgid.config import DecodeConfig
+from fgid.dataset import Dataset
 from fgid.inputs import plan_shards
 from fgid.pipeline import build, prepare_output, process_shard, shard_done
 from fgid.prefetch import ReadAhead, ThreadedDecodeStage
@@ -156,7 +157,8 @@ def test_a_model_failure_aborts_the_shard_and_stops_the_loader(
     demo_inputs, lite_config, lite_models, tmp_path
 ):
     config = lite_config.model_copy(update={"batch_size": 1, "prefetch_batches": 3})
-    plans = prepare_output([str(demo_inputs)], tmp_path, config)
+    prepare_output([str(demo_inputs)], tmp_path, config)
+    plans = Dataset(tmp_path).read_plan()
 
     class Exploding:
         name, unseen_classes = "boom", frozenset()

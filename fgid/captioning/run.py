@@ -188,7 +188,7 @@ def finish_run(dataset: str, run: CaptionRun) -> dict:
     stats = {s: read_stats(out, s) for s in built}
     done = [s for s in built if shard_at_run(stats[s], run)]
     models = {current_fields(stats[s])[n]["model"] for s in done for n in run.fields}
-    not_built = sorted({p.shard_id for p in Dataset(out).read_plan()} - set(built))
+    not_built = sorted({p.shard_id for p in Dataset(out).outline()} - set(built))
     record["shards"] = {"captioned": done, "not_built": not_built}
     record["models"] = sorted(models)
     if len(done) == len(built):

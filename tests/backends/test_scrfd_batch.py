@@ -151,6 +151,7 @@ def test_shards_are_byte_identical_with_the_batched_detector(
     """A build through the batched detector writes the bytes the per-image one writes."""
     from fgid.backends.full.bisenet import BiSeNetParser
     from fgid.backends.full.insightface_models import InsightFaceAttributes, InsightFaceEmbedder
+    from fgid.dataset import Dataset
     from fgid.pipeline import prepare_output, process_shard
 
     config = config_for(packs["fixed"], min_face_size=8).model_copy(
@@ -173,7 +174,8 @@ def test_shards_are_byte_identical_with_the_batched_detector(
         assert det.batched == (kind == "batched")
         out = tmp_path / kind
         models = ModelSet(detector=det, **shared)
-        stats = [process_shard(p, out, config, models) for p in prepare_output(inputs, out, config)]
+        prepare_output(inputs, out, config)
+        stats = [process_shard(p, out, config, models) for p in Dataset(out).read_plan()]
         assert sum(s["ok"] for s in stats) == 2 and sum(s["rejected"] for s in stats) == 1
         shards = sorted((out / "shards").glob("*.*"))
         outputs[kind] = {p.name: p.read_bytes() for p in shards if p.suffix != ".json"}
