@@ -6,18 +6,20 @@ the same way without Prefect. What the run shows in the UI is built in flows/bui
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 import storage
 from fgid.card import write_card
 from fgid.config import BuildConfig
 from fgid.dataset import Dataset
-from fgid.errors import FailureError
+from fgid.errors import FailureError, UsageError
 from fgid.finalize import finalize
 from fgid.inputs import PlannedShard
 from fgid.models import leased_model_set
@@ -122,8 +124,16 @@ def build(
     send_fgid_logs()
     name = dataset_name(out)
     tag_flow_run(run_tags(name, config))
-    with Dataset(out).lock("fgid build"):
-        plans: list[PlannedShard] = prepare_output(inputs, out, config, append)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(Dataset(out).lock("fgid build"))
+            plans: list[PlannedShard] = prepare_output(inputs, out, config, append)
+        except UsageError as error:
+            # The caller's mistake (other inputs or settings than the dataset's, a dataset in
+            # use): one line in the run's log and state, no traceback; the caller still gets
+            # the error itself (a flow's Failed state raises its data).
+            get_run_logger().error("%s", error)
+            return Failed(message=str(error), data=error)
         if append and up_to_date(out, plans):
             get_run_logger().info("nothing new: %s is up to date", out)
             return Dataset(out).summary()

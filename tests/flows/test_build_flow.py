@@ -116,6 +116,17 @@ def test_build_flow_on_a_real_server(prefect_server, demo_inputs, tmp_path):
     assert "3 already done, 0 to build" in again.stderr + again.stdout
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
 
+    # Another setting on the same output is the user's mistake: one line, no traceback, and
+    # the run says why it failed.
+    other = run_cli([*args[:-1], "5"], env=prefect_server.env)
+    said = other.stderr + other.stdout
+    assert other.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert [line for line in said.splitlines() if line.startswith("fgid: error:")] == [
+        f"fgid: error: {out} was built with another configuration (shard_size 4 -> 5); use a new "
+        "--out, or the settings of the first run"
+    ]
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+
 
 def test_inspect_prints_a_readable_summary(demo_inputs, tmp_path):
     out = tmp_path / "ds"
