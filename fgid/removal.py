@@ -115,10 +115,11 @@ def _by_identity(out: str, identity: str, records: list[dict]) -> list[dict]:
             "samples of that person by source or sha256"
         )
     table = Dataset(out).identities(["key", "identity"])
-    keys = set(table.filter(pc.equal(table["identity"], identity))["key"].to_pylist())
-    if not keys:
+    keys = table.filter(pc.equal(table["identity"], identity))["key"]
+    if not len(keys):
         raise ValueError(f"unknown identity {identity!r} in {out}")
-    return [s for s in _index_samples(out) if s["key"] in keys]
+    built = _index_samples(out)
+    return built.filter(pc.is_in(built["key"], keys.combine_chunks())).to_pylist()
 
 
 def _by_sources(out: str, sources: list[str], records: list[dict]) -> tuple[list, list]:
@@ -127,12 +128,17 @@ def _by_sources(out: str, sources: list[str], records: list[dict]) -> tuple[list
     for entry in sources:
         match = _SHA256.fullmatch(entry.strip().lower())
         wanted[match.group(1) if match else sample_key(_source(entry.strip()))] = entry
+    # Columns, not rows: only the matching samples become Python objects (at ten million
+    # samples, the rows would take gigabytes).
+    values = pa.array(list(wanted), pa.string())
     built = _index_samples(out)
+    hit = pc.or_kleene(pc.is_in(built["key"], values), pc.is_in(built["sha256"], values))
+    found = built.filter(hit).to_pylist()
     # Inputs of shards not built yet are only in the plan (no hash): taking them out suffices.
-    planned = Dataset(out).plan_table(["key", "shard"]).to_pylist()
-    in_index = {s["key"] for s in built}
-    rows = built + [{**r, "sha256": None} for r in planned if r["key"] not in in_index]
-    found = [s for s in rows if s["key"] in wanted or s["sha256"] in wanted]
+    planned = Dataset(out).plan_table(["key", "shard"])
+    planned = planned.filter(pc.is_in(planned["key"], values))
+    in_index = pc.is_in(planned["key"], built["key"].combine_chunks())
+    found += [{**r, "sha256": None} for r in planned.filter(pc.invert(in_index)).to_pylist()]
     again = [r for r in records if r["status"] == DONE and wanted.keys() & _values(r)]
     matched = set().union(*(_values(r) for r in [{"samples": found}, *again]))
     unknown = sorted(entry for value, entry in wanted.items() if value not in matched)
@@ -150,8 +156,8 @@ def _values(record: dict) -> set[str]:
     return {v for s in record["samples"] for v in (s["key"], s["sha256"]) if v}
 
 
-def _index_samples(out: str) -> list[dict]:
-    return Dataset(out).index(["key", "shard", "sha256"]).to_pylist()
+def _index_samples(out: str) -> pa.Table:
+    return Dataset(out).index(["key", "shard", "sha256"])
 
 
 def _apply(out: str, record: dict, config: BuildConfig) -> dict:
