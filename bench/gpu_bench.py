@@ -226,11 +226,12 @@ def load_models(config: BuildConfig, device: str) -> ModelSet:
 
 def run_pipeline(files: list[str], out: Path, config: BuildConfig, models: ModelSet) -> dict:
     """One shard through fgid.pipeline.process_shard; its stats."""
+    from fgid.dataset import Dataset
     from fgid.pipeline import prepare_output, process_shard
 
     config = config.model_copy(update={"shard_size": len(files)})
-    [plan] = prepare_output(files, str(out), config)
-    return process_shard(plan, str(out), config, models)
+    [shard] = prepare_output(files, str(out), config)
+    return process_shard(Dataset(str(out)).shard_plan(shard.shard_id), str(out), config, models)
 
 
 def pipeline_figures(stats: dict) -> dict:
