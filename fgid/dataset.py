@@ -162,7 +162,7 @@ class Dataset:
         return BuildConfig.model_validate(info["config"])
 
     def plan_table(self, columns: list[str] | None = None) -> pa.Table:
-        with storage.open_input(self.path(PLAN_FILE)) as handle:
+        with storage.open_for_arrow(self.path(PLAN_FILE)) as handle:
             return pq.read_table(handle, columns=columns)
 
     def read_plan(self) -> list[ShardPlan]:
@@ -220,7 +220,7 @@ class Dataset:
         return {s: self.read_stats(s) for s in self.done_shards()}
 
     def read_index(self, shard_id: int, columns: list[str] | None = None) -> pa.Table:
-        with storage.open_input(self.shard(shard_id).index) as handle:
+        with storage.open_for_arrow(self.shard(shard_id).index) as handle:
             # The schema also reads indexes written before a column existed: it comes as nulls.
             return pq.read_table(handle, columns=columns, schema=INDEX_SCHEMA)
 
@@ -269,7 +269,7 @@ class Dataset:
         url = self.path(IDENTITIES_FILE)
         if not storage.exists(url):
             raise NotADataset(f"{self.root} has no {IDENTITIES_FILE}: not a finished fgid build")
-        with storage.open_input(url) as handle:
+        with storage.open_for_arrow(url) as handle:
             table = pq.read_table(handle, columns=columns)
         for field in ("key", "duplicate_of", "near_duplicate_of"):
             if field in table.column_names:

@@ -144,7 +144,7 @@ def drop_keys(out_dir: str, keys: set[str]) -> bool:
 
 
 def _row_groups(url: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    with storage.open_input(url) as handle:
+    with storage.open_for_arrow(url) as handle:
         plan = pq.ParquetFile(handle)
         names = [c for c in columns or plan.schema_arrow.names if c in plan.schema_arrow.names]
         for group in range(plan.num_row_groups):
@@ -171,7 +171,7 @@ def outline(url: str) -> list[PlannedShard]:
 def shard_plan(url: str, shard_id: int) -> ShardPlan:
     """One shard's inputs, reading only the row groups whose shard range holds it."""
     items: list[InputItem] = []
-    with storage.open_input(url) as handle:
+    with storage.open_for_arrow(url) as handle:
         plan = pq.ParquetFile(handle)
         column = plan.schema_arrow.get_field_index("shard")
         for group in range(plan.num_row_groups):

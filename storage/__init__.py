@@ -11,6 +11,7 @@ from storage.files import (
     list_files,
     makedirs,
     name,
+    open_for_arrow,
     open_input,
     read_bytes,
     read_text,
@@ -21,6 +22,6 @@ from storage.files import (
 
 __all__ = [
     "atomic_open", "atomic_write_bytes", "atomic_write_text", "exists", "filesystem", "is_dir",
-    "is_remote", "iter_files", "join", "list_files", "makedirs", "name", "open_input",
-    "read_bytes", "read_text", "remove", "remove_stale_tmp", "size", "walk_files",
+    "is_remote", "iter_files", "join", "list_files", "makedirs", "name", "open_for_arrow",
+    "open_input", "read_bytes", "read_text", "remove", "remove_stale_tmp", "size", "walk_files",
 ]  # fmt: skip

@@ -74,6 +74,21 @@ def open_input(url: str | Path, **options) -> io.BufferedIOBase:
     return fs.open(path, "rb", **options)
 
 
+def open_for_arrow(url: str | Path):
+    """A file to hand pyarrow's readers: Arrow's own file when local, fsspec's otherwise.
+
+    pyarrow finishes tearing down a Parquet scan on its own threads after the read returns.
+    With a Python file object that teardown takes the GIL; if it comes while the interpreter
+    exits, Python ends the thread with pthread_exit and C++ aborts the process ("terminate called
+    without an active exception") after a short command such as `fgid status` has printed its
+    output (apache/arrow#33975, #34314). A native file holds no Python objects."""
+    if is_remote(url):
+        return open_input(url)
+    import pyarrow as pa
+
+    return pa.OSFile(str(url))
+
+
 def is_dir(url: str | Path) -> bool:
     """A local folder, or an object-store prefix that has objects below it (or a bucket)."""
     fs, path = filesystem(url)
