@@ -201,16 +201,17 @@ def baseline_run(baseline, built_dataset, metric_models, tmp_path_factory):
     return run_evaluation(_config(built_dataset, out), baseline, metric_models)
 
 
-def test_a_released_consistentid_file_is_evaluated_as_it_is(released):
+def assert_same_weights(loaded: dict, expected: dict) -> None:
     import torch
 
-    model, generator, result = released
-    assert generator.name == "consistentid-release"
-    expected, loaded = model.state_dict(), generator.model.state_dict()
     assert loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected)  # the file's weights
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def assert_evaluated_release(result, name: str) -> None:
+    """Four images drawn (two prompt categories, two people), all by `name`, CLIP-T in range."""
     assert result.generated == 4 and result.reused == 0
-    assert {r["generator"] for r in result.per_image} == {"consistentid-release"}
+    assert {r["generator"] for r in result.per_image} == {name}
     assert [(s["category"], s["images"]) for s in result.summary] == [
         ("all", 4),
         ("clothing", 2),
@@ -218,6 +219,13 @@ def test_a_released_consistentid_file_is_evaluated_as_it_is(released):
     ]
     for row in result.per_image:
         assert -100 <= row["clip_t"] <= 100 and row["seconds"] > 0
+
+
+def test_a_released_consistentid_file_is_evaluated_as_it_is(released):
+    model, generator, result = released
+    assert generator.name == "consistentid-release"
+    assert_same_weights(generator.model.state_dict(), model.state_dict())  # the file's weights
+    assert_evaluated_release(result, "consistentid-release")
 
 
 def assert_side_by_side(release, ours, named: tuple[str, str]) -> None:
@@ -357,8 +365,6 @@ def released_faceclip(tiny_sdxl, built_dataset, metric_models, tmp_path_factory)
 
 
 def test_a_released_faceclip_sdxl_folder_is_evaluated_as_it_is(released_faceclip):
-    import torch
-
     from training.faceclip.convert import to_reference
     from training.faceclip.pipeline import FaceCLIPGenerator
 
@@ -366,21 +372,9 @@ def test_a_released_faceclip_sdxl_folder_is_evaluated_as_it_is(released_faceclip
     assert isinstance(generator, FaceCLIPGenerator) and generator.name == "faceclip-sdxl-release"
     # Every tensor of both files, and nothing else, is in the generator (strict loads).
     encoder = {f"model.{k}": v for k, v in to_reference(generator.encoder.state_dict()).items()}
-    assert encoder.keys() == encoder_file.keys()
-    assert all(torch.equal(encoder[k], encoder_file[k]) for k in encoder_file)
-    unet = generator.pipeline.unet.state_dict()
-    assert unet.keys() == unet_file.keys()
-    assert all(torch.equal(unet[k], unet_file[k]) for k in unet_file)
-
-    assert result.generated == 4 and result.reused == 0
-    assert {r["generator"] for r in result.per_image} == {"faceclip-sdxl-release"}
-    assert [(s["category"], s["images"]) for s in result.summary] == [
-        ("all", 4),
-        ("clothing", 2),
-        ("style", 2),
-    ]
-    for row in result.per_image:
-        assert -100 <= row["clip_t"] <= 100 and row["seconds"] > 0
+    assert_same_weights(encoder, encoder_file)
+    assert_same_weights(generator.pipeline.unet.state_dict(), unet_file)
+    assert_evaluated_release(result, "faceclip-sdxl-release")
 
 
 def test_a_released_faceclip_file_missing_a_tensor_is_refused(

@@ -93,8 +93,32 @@ def reference_inputs(frozen, reference) -> dict[str, torch.Tensor]:
     }
 
 
-class ConsistentIDGenerator:
+class LoadsExport:
+    """`from_pretrained` of a generator built on `model_class` (SD 1.5 or SDXL ConsistentID)."""
+
+    model_class: type[ConsistentID]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str,
+        weights: str | Path,
+        image_encoder: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **settings,
+    ):
+        """`weights`: a run's `final/` or `checkpoint-{step}` folder, or one `fgid convert
+        consistentid --from-reference` wrote from a release. `settings`: steps,
+        guidance_scale, merge_step, height, width, negative_prompt, name."""
+        model = load_export(cls.model_class, base_model, weights, image_encoder, device, dtype)
+        return cls(model, base_model, **settings)
+
+
+class ConsistentIDGenerator(LoadsExport):
     """training.evaluation.protocols.Generator for a trained ConsistentID."""
+
+    model_class = ConsistentID
 
     def __init__(
         self,
@@ -114,21 +138,6 @@ class ConsistentIDGenerator:
         self.steps, self.guidance_scale, self.merge_step = steps, guidance_scale, merge_step
         self.height, self.width, self.negative_prompt = height, width, negative_prompt
         self.scheduler = DDIMScheduler.from_pretrained(base_model, subfolder="scheduler")
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        base_model: str,
-        weights: str | Path,
-        image_encoder: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        **settings,
-    ) -> ConsistentIDGenerator:
-        """`weights`: an exported `final/` folder or a `checkpoint-{step}` folder of a run.
-        `settings`: steps, guidance_scale, merge_step, height, width, negative_prompt, name."""
-        model = load_export(ConsistentID, base_model, weights, image_encoder, device, dtype)
-        return cls(model, base_model, **settings)
 
     # -- inputs ----------------------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ Training and fine-tuning: `ConsistentIDXL`'s docstring.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -43,7 +42,7 @@ from torch import nn
 from training.consistentid import prompt
 from training.consistentid.config import LossOptions, ModelOptions
 from training.consistentid.model import ConsistentID, Frozen, load_frozen
-from training.consistentid.pipeline import load_export, reference_inputs
+from training.consistentid.pipeline import LoadsExport, reference_inputs
 
 # The SDXL pipeline's built-in description of the reference face (SD 1.5's says "one mouth").
 INFERENCE_FACIAL = "The person has one face, one nose, two eyes, two ears, and a mouth."
@@ -160,8 +159,10 @@ def fused_text(
     return text, ids, prompt.spelled_ids(tokenizer_2, text), index
 
 
-class ConsistentIDXLGenerator:
+class ConsistentIDXLGenerator(LoadsExport):
     """training.evaluation.protocols.Generator for ConsistentID-SDXL."""
+
+    model_class = ConsistentIDXL
 
     def __init__(
         self,
@@ -194,22 +195,6 @@ class ConsistentIDXLGenerator:
             add_watermarker=False,
         )
         self.pipeline.set_progress_bar_config(disable=True)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        base_model: str,
-        weights: str | Path,
-        image_encoder: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        **settings,
-    ) -> ConsistentIDXLGenerator:
-        """`weights`: a run's `final/` or `checkpoint-{step}` folder, or one `fgid convert
-        consistentid --from-reference` wrote from the SDXL release. `settings`: steps,
-        guidance_scale, merge_step, height, width, negative_prompt, name."""
-        model = load_export(ConsistentIDXL, base_model, weights, image_encoder, device, dtype)
-        return cls(model, base_model, **settings)
 
     @torch.no_grad()
     def conditions(self, reference, prompt_text: str) -> dict[str, torch.Tensor]:
