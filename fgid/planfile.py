@@ -191,12 +191,7 @@ def _items(table: pa.Table) -> Iterator[InputItem]:
 
 def read_plan(url: str) -> list[ShardPlan]:
     """The whole plan in memory: for small plans and tests (a build reads `outline`)."""
-    grouped: dict[int, list[InputItem]] = {}
-    for table in _row_groups(url):
-        table = _with_plan_schema(table)
-        for shard, item in zip(table["shard"].to_pylist(), _items(table), strict=True):
-            grouped.setdefault(shard, []).append(item)
-    return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]
+    return _grouped(_with_plan_schema(t) for t in _row_groups(url))
 
 
 def plan_table(plans: list[ShardPlan]) -> pa.Table:
@@ -208,10 +203,14 @@ def plan_table(plans: list[ShardPlan]) -> pa.Table:
 
 
 def plans_from_table(table: pa.Table) -> list[ShardPlan]:
+    return _grouped([_with_plan_schema(table)])
+
+
+def _grouped(tables: Iterable[pa.Table]) -> list[ShardPlan]:
     grouped: dict[int, list[InputItem]] = {}
-    table = _with_plan_schema(table)
-    for shard, item in zip(table["shard"].to_pylist(), _items(table), strict=True):
-        grouped.setdefault(shard, []).append(item)
+    for table in tables:
+        for shard, item in zip(table["shard"].to_pylist(), _items(table), strict=True):
+            grouped.setdefault(shard, []).append(item)
     return [ShardPlan(shard, tuple(items)) for shard, items in sorted(grouped.items())]
 
 
