@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def tiny_model_files(cache: Path) -> dict:
 
 def load_models(config: BuildConfig, device: str) -> ModelSet:
     from fgid.backends.full.bisenet import BiSeNetParser
-    from fgid.backends.full.device import onnx_providers
+    from fgid.backends.full.device import insightface_providers
     from fgid.backends.full.insightface_models import (
         InsightFaceAttributes,
         InsightFaceDetector,
@@ -213,7 +214,7 @@ def load_models(config: BuildConfig, device: str) -> ModelSet:
     )
     from fgid.backends.lite.template_captioner import TemplateCaptioner
 
-    providers = onnx_providers(device)
+    providers = insightface_providers(config.models)
     pack = model_dir(config, ())
     return ModelSet(
         detector=InsightFaceDetector(pack, providers, config),
@@ -238,13 +239,59 @@ def pipeline_figures(stats: dict) -> dict:
     stages = stats["stages"]
     rates = {f"{n}_images_per_s": t["images_per_s"] for n, t in stages.items() if n != "caption"}
     chain_s = sum(stages[n]["seconds"] for n in CHAIN)
+    # Where the chain's time goes: each stage's share of it.
+    shares = {f"{n}_share_of_chain": stages[n]["seconds"] / chain_s for n in CHAIN if chain_s}
     return {
         **rates,
+        **shares,
         "ok": stats["ok"],
         "end_to_end_images_per_s": stats["inputs"] / stats["wall_seconds"],
         "chain_images_per_s": stages["detect"]["images"] / chain_s if chain_s else None,
         "input_wait_fraction": stages["decode"]["input_wait_fraction"],
     }
+
+
+def profile_summary(run, device: str, top: int = 10) -> dict:
+    """torch.profiler over `run()`: the ops with the most self time, on the host and (on CUDA)
+    on the device, and how much of the wall time the device was busy."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - started) * 1000
+    events = prof.key_averages()
+
+    def ranked(attribute: str) -> list[dict]:
+        total = sum(getattr(e, attribute) for e in events) or 1.0
+        best = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:top]
+        return [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_ms": getattr(e, attribute) / 1000,
+                "share": getattr(e, attribute) / total,
+            }
+            for e in best
+        ]
+
+    host_ms = sum(e.self_cpu_time_total for e in events) / 1000
+    summary: dict = {
+        "wall_ms": wall_ms,
+        # The rest of the wall time is Python, OpenCV and numpy between the torch ops.
+        "torch_host_fraction": host_ms / wall_ms,
+        "host_ops": ranked("self_cpu_time_total"),
+    }
+    if cuda:
+        device_ops = ranked("self_device_time_total")
+        busy_ms = sum(e.self_device_time_total for e in events) / 1000
+        summary |= {"device_busy_fraction": busy_ms / wall_ms, "device_ops": device_ops}
+    return summary
 
 
 def bench(args: argparse.Namespace, work: Path) -> dict:
@@ -301,6 +348,10 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
         with measured(args.device, phase):
             stats = run_pipeline(files, work / name, run_config, models)
         figures[name] = {**pipeline_figures(stats), **phase}
+    if args.profile:
+        sample = files[: 2 * args.batch_size]
+        run = partial(run_pipeline, sample, work / "profiled", runs["in_turn"], models)
+        figures["profile_pipeline"] = profile_summary(run, args.device)
     del models
 
     model, processor = build_llava(args.llava, args.device)
@@ -310,7 +361,11 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     phase = {}
     with measured(args.device, phase):
         captions = caption_speed(model, processor, crops, args.caption_batch, args.caption_tokens)
-    figures["captions"] = {**captions, **phase}
+    figures["captions"] = {"batch": args.caption_batch, **captions, **phase}
+    if args.profile:
+        batch = crops[: args.caption_batch]
+        run = partial(caption_speed, model, processor, batch, args.caption_batch, 16)
+        figures["profile_captions"] = profile_summary(run, args.device)
     return figures
 
 
@@ -334,10 +389,27 @@ def report(figures: dict) -> None:
     for name, value in figures["captions"].items():
         note = f"  (target {TARGET_CAPTIONS:.0f} on one H100)" if name == "images_per_s" else ""
         show(name, value, note)
+    for name in ("profile_pipeline", "profile_captions"):
+        if name in figures:
+            report_profile(name, figures[name])
+
+
+def report_profile(name: str, summary: dict) -> None:
+    busy = summary.get("device_busy_fraction")
+    device = f", device busy {busy:.0%} of it" if busy is not None else ""
+    host = f"torch ops on the host {summary['torch_host_fraction']:.0%}"
+    print(f" {name.replace('_', ' ')} ({summary['wall_ms']:.0f} ms, {host}{device}):")
+    for side in ("device_ops", "host_ops"):
+        for op in summary.get(side, [])[:6]:
+            print(f"    {side[:-4]:6s} {op['share']:6.1%} {op['self_ms']:9.1f} ms  {op['op'][:60]}")
 
 
 def main() -> None:
     import torch
+
+    from bench.diagnose import dump_stacks_on_term
+
+    dump_stacks_on_term()
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -357,6 +429,11 @@ def main() -> None:
     parser.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "fgid-gpu-bench"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="add torch.profiler summaries of two pipeline batches and one caption batch",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

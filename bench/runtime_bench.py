@@ -108,6 +108,10 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> dict:
 def main() -> None:
     import torch
 
+    from bench.diagnose import dump_stacks_on_term
+
+    dump_stacks_on_term()
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", choices=("real", "tiny"), default="real")

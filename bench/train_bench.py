@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bench.diagnose import dump_stacks_on_term
+
 PAPER_SAMPLES_PER_S = 0.76  # per RTX 3090 (8 GPUs, batch 16, ~15 epochs of 524k in ~15 days)
 H100_TARGET_SAMPLES_PER_S = 8.0
 LOADER_WAIT_TARGET = 0.05
@@ -241,6 +243,7 @@ def run(args, work: Path) -> dict:
             "batch_size": args.batch_size,
             "resolution": resolution,
             "workers": args.workers,
+            "start_method": args.start_method,
             "shuffle_buffer": 64,
         },
         train={
@@ -262,6 +265,7 @@ def run(args, work: Path) -> dict:
         "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision,
         "workers": args.workers,
+        "start_method": args.start_method,
         "torch_threads": torch.get_num_threads(),
         "whole_run_samples_per_s": result.samples_per_second,
         **steady_figures(work / "run" / "metrics.jsonl", args.warmup, args.batch_size),
@@ -297,10 +301,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="measured optimiser steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     parser.add_argument("--workers", type=int, help="loader workers (default: 1 cpu, 12 cuda)")
+    parser.add_argument(
+        "--start-method",
+        choices=["spawn", "forkserver"],
+        default="forkserver",
+        help="how loader workers start: forkserver imports torch once for all of them",
+    )
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], help="default: no / bf16")
     parser.add_argument("--work", type=Path, help="work folder, kept (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    dump_stacks_on_term()
     cuda = args.device == "cuda"
     args.size = args.size or ("sd15" if cuda else "tiny")
     args.batch_size = args.batch_size or (16 if cuda else 4)

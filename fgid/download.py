@@ -26,8 +26,8 @@ import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
-from importlib.metadata import version
 
+from fgid import version
 from fgid.config import DownloadConfig
 from fgid.schema import REASONS
 from fgid.sources import Unusable, is_web
@@ -45,7 +45,7 @@ GENERIC_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
 
 
 def user_agent(settings: DownloadConfig) -> str:
-    return settings.user_agent or f"fgid/{version('fgid')} (+{PROJECT_URL})"
+    return settings.user_agent or f"fgid/{version()} (+{PROJECT_URL})"
 
 
 def opt_out_directive(headers: Message, token: str = UA_TOKEN) -> str | None:

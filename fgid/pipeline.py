@@ -14,10 +14,9 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from importlib.metadata import version
 
 import storage
-from fgid import history, progress
+from fgid import history, progress, version
 from fgid.config import BuildConfig
 from fgid.dataset import Dataset, NotADataset
 from fgid.errors import UsageError
@@ -211,7 +210,7 @@ def sample_meta(sample: Sample, models: ModelSet, config: BuildConfig, unseen: l
         "regions": {"present": sample.regions, "unseen": unseen},
         "embedding": {"dim": int(sample.embedding.shape[0]), "model": models.embedder.name},
         "models": models.describe(),
-        "versions": {"fgid": version("fgid")},
+        "versions": {"fgid": version()},
         "config_hash": config.output_hash(),
         "format_version": FORMAT_VERSION,
     }

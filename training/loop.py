@@ -177,6 +177,7 @@ def _fit(accelerator, model, optimizer, scheduler, step_fn, make_batches, config
     # Data loading must not draw from the training RNG: a DataLoader iterator takes its base
     # seed from torch's global generator when it starts, which a resumed run does at another
     # moment than an uninterrupted one, shifting every later noise draw.
+    opened = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         batches = iter(make_batches(step * accum))
     metrics = (output_dir / "metrics.jsonl").open("a") if accelerator.is_main_process else None
@@ -194,6 +195,10 @@ def _fit(accelerator, model, optimizer, scheduler, step_fn, make_batches, config
                 log.info("the data stream ended at step %d", step)
                 break
             waited += time.perf_counter() - t0
+            if step == result.start_step and not micro_losses:
+                # Loader workers start (import torch, open shards) before the first batch, in
+                # tens of seconds on a cold machine: say so, or a slow start looks like a hang.
+                log.info("first batch after %.1f s", time.perf_counter() - opened)
             batch = _to_device(batch, accelerator.device)
             samples += _batch_size(batch)
             with accelerator.accumulate(model):

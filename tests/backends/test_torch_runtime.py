@@ -229,6 +229,29 @@ def test_shared_weights_of_torch_exports_convert(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+def test_constant_reshapes_trace_under_torch_compile(packs):
+    """The released SCRFD reshapes to stored shapes; onnx2torch's Reshape reads them as a
+    tensor, which torch.compile's tracing rejects (compiled SCRFD fell back to one image a
+    call on the GPU). After static_reshapes the graph traces, and computes the same."""
+    import torch
+    from onnx2torch import convert
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    from fgid.backends.full.torch_onnx import load_graph, static_reshapes
+
+    path = packs["release"] / "models" / "buffalo_l" / DETECTOR_FILE
+    module = static_reshapes(convert(load_graph(path))).eval()
+    assert not any(isinstance(m, OnnxReshape) for m in module.modules())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = module(x)
+        got = torch.compile(module, backend="eager")(x)  # dynamo's tracing, no code generation
+        with pytest.raises(Exception, match="torch.Size"):  # onnx2torch's own, for contrast
+            torch.compile(convert(load_graph(path)).eval(), backend="eager")(x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # --- CUDA --------------------------------------------------------------------------------------
 
 

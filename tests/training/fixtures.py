@@ -3,18 +3,30 @@ from, and tiny model folders built offline."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from tests.training import tiny_models
 
 
 @pytest.fixture(scope="session")
-def built_dataset(tmp_path_factory, lite_config, lite_models):
+def built_dataset(tmp_path_factory, lite_config, request):
     """A finished lite build (no Prefect) of five people with several photos each: real shards,
-    Parquet indexes and identities.parquet, 128-d dlib embeddings, template captions."""
+    Parquet indexes and identities.parquet, 128-d dlib embeddings, template captions.
+
+    FGID_BUILT_DATASET names such a build made elsewhere, for a machine without the lite models'
+    weights (the GPU check's image has no dlib): it is copied, never written to."""
     from fgid.pipeline import build
     from tests.corpus import make_identity_corpus
 
+    prepared = os.environ.get("FGID_BUILT_DATASET")
+    if prepared:
+        out = tmp_path_factory.mktemp("training-dataset") / "prepared"
+        shutil.copytree(prepared, out)
+        return out
+    lite_models = request.getfixturevalue("lite_models")
     inputs = tmp_path_factory.mktemp("training-inputs")
     make_identity_corpus(inputs)
     out = tmp_path_factory.mktemp("training-dataset")

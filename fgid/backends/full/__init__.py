@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def load(config: BuildConfig) -> ModelSet:
     """Load every backend once; the caller reuses the set for all shards of a process."""
     from fgid.backends.full.bisenet import BiSeNetParser
-    from fgid.backends.full.device import onnx_providers, torch_device
+    from fgid.backends.full.device import insightface_providers, torch_device
     from fgid.backends.full.insightface_models import (
         DETECTOR_FILE,
         GENDERAGE_FILE,
@@ -31,7 +31,7 @@ def load(config: BuildConfig) -> ModelSet:
     from fgid.backends.full.llava import LlavaCaptioner
 
     device = torch_device(config.models.device)
-    providers = onnx_providers(config.models.device)
+    providers = insightface_providers(config.models)
     pack = model_dir(config, (DETECTOR_FILE, RECOGNIZER_FILE, GENDERAGE_FILE))
     logger.info("full model set: InsightFace pack %s, torch device %s", pack, device)
     return ModelSet(

@@ -48,6 +48,13 @@ def onnx_providers(spec: str) -> list:
     return [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
 
 
+def insightface_providers(models) -> list:
+    """The ONNX Runtime providers for the InsightFace models of `models` (a ModelsConfig): only
+    the onnxruntime runtime needs them, and asking for CUDA ones warns when it has none."""
+    runtime = insightface_runtime(models.runtime, str(torch_device(models.device)))
+    return onnx_providers(models.device) if runtime == "onnxruntime" else [CPU_PROVIDER]
+
+
 def onnx_cuda_device(session) -> int | None:
     """The CUDA device an ONNX Runtime session runs on, if torch sees it too (batches are staged
     and normalised there with torch); None when the session runs on the CPU."""

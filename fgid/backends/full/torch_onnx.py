@@ -73,7 +73,7 @@ class TorchOnnx:
         self.path, self.device, self.dtype = Path(path), torch.device(device), dtype
         graph = load_graph(path)
         self.batch_axis = _input_batch(graph)
-        module = convert(graph).eval().requires_grad_(False)
+        module = static_reshapes(convert(graph)).eval().requires_grad_(False)
         module = module.to(self.device, dtype)
         self.channels_last = self.device.type == "cuda"
         if self.channels_last:
@@ -112,6 +112,44 @@ class TorchOnnx:
     def run(self, batch, mean: float, std: float, swap_rb: bool = False) -> list[np.ndarray]:
         """uint8 NHWC in, the outputs as float32 host arrays."""
         return [o.cpu().numpy() for o in self(self.blob(batch, mean, std, swap_rb))]
+
+
+def static_reshapes(module):
+    """Give every Reshape whose target shape is a stored constant that shape as Python ints.
+
+    onnx2torch reshapes to `torch.Size(shape_tensor)`, which torch.compile cannot trace (the
+    shape is a fake tensor there): compiling SCRFD failed and fell back to one image a call.
+    The 0 entries (copy the input's dimension) are resolved per call, as ONNX says."""
+    import torch
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    class Reshape(torch.nn.Module):
+        def __init__(self, shape: list[int]):
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, x):
+            return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)])
+
+    changed = False
+    for node in module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        if not isinstance(module.get_submodule(node.target), OnnxReshape):
+            continue
+        source = node.args[1]
+        if getattr(source, "op", None) != "get_attr":
+            continue  # a shape computed in the graph stays onnx2torch's
+        shape = module
+        for part in source.target.split("."):
+            shape = getattr(shape, part)
+        module.add_submodule(node.target, Reshape([int(d) for d in shape.tolist()]))
+        node.args = node.args[:1]
+        changed = True
+    if changed:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return module
 
 
 def _input_batch(graph) -> int | None:
