@@ -11,6 +11,7 @@ URLs.
 from __future__ import annotations
 
 import os
+import re
 from urllib.parse import parse_qsl, urlsplit
 
 S3_PROTOCOLS = ("s3", "s3a")
@@ -48,12 +49,16 @@ SECRET_QUERY = frozenset(
 )  # fmt: skip
 
 
+# fsspec chains links with "::"; an IPv6 literal ("http://[::1]/x") has it inside brackets.
+CHAIN_LINK = re.compile(r"::(?![^\[]*\])")
+
+
 def check_url(url: str) -> None:
     """Refuse a URL that carries credentials (user:secret@host, a presigned query string).
 
     Every link of an fsspec chain (`simplecache::s3://...`) is checked. Such a URL would end up
     in flow parameters, plans, shard indexes and logs; the message never repeats it."""
-    for link in str(url).split("::"):
+    for link in CHAIN_LINK.split(str(url)):
         parts = urlsplit(link)
         names = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
         if "@" in parts.netloc or names & SECRET_QUERY:

@@ -132,6 +132,8 @@ def test_urls_that_are_not_http_or_carry_credentials_are_refused_unrequested(ser
     assert failure("file:///etc/hostname")[0] == "bad_url"
     code, detail = failure(f"http://user:hunter2@127.0.0.1:{server.server_address[1]}/photos/a.jpg")
     assert code == "bad_url" and "hunter2" not in detail
+    code, detail = failure(f"http://user:hunter2@[::1]:{server.server_address[1]}/photos/a.jpg")
+    assert code == "bad_url" and "credentials" in detail and "hunter2" not in detail
     assert not server.hits
 
 
@@ -145,11 +147,13 @@ def test_non_public_addresses_are_refused_by_default_without_a_request(server, p
         "http://169.254.169.254/latest/meta-data/",  # a cloud metadata service
         "http://10.0.0.1/a.jpg",
         "http://0.0.0.0/a.jpg",
+        f"http://[::1]:{port}/photos/a.jpg",  # IPv6 literals are URLs like any other
+        "http://[fd00::1]/a.jpg",
     ):
         code, detail = failure(url, strict)
         assert code == "blocked_address" and "not a public address" in detail, url
     assert not server.hits
-    # What a name may resolve to in IPv6 (URLs with IPv6 literals are refused as bad_url).
+    # What a name may resolve to in IPv6.
     for address in ("::1", "::ffff:127.0.0.1", "fe80::1%eth0", "fd00::1", "ff02::1"):
         with pytest.raises(Unusable, match="not a public address"):
             download._public("example.org", address)

@@ -162,6 +162,14 @@ def test_the_variant_is_resolved_and_a_mismatch_refused(tiny_sd15, tmp_path, cap
     assert resolved.base_model == SDXL and resolved.loader.resolution == 1024
     assert resolved.model.localization_layers == 3
     assert resolve_variant(resolved) == resolved  # idempotent, through a flow's parameters too
+    # Unresolved through a flow's parameters (JSON, validated again: every field is set).
+    passed = ConsistentIDTrainConfig.model_validate(config.model_dump(mode="json"))
+    assert "resolution" in passed.loader.model_fields_set
+    assert resolve_variant(passed) == resolved
+    chosen = config.model_copy(
+        update={"loader": config.loader.model_copy(update={"resolution": 768})}
+    )
+    assert resolve_variant(chosen).loader.resolution == 768
     plain = resolve_variant(config.model_copy(update={"variant": None}))
     assert plain.variant == "sd15" and plain.loader.resolution == 512
     wrong = config.model_copy(update={"base_model": str(tiny_sd15)})

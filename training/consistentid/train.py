@@ -72,23 +72,29 @@ def _local_variant(base_model: str) -> str | None:
     return base_variant(base_model) if Path(base_model, "unet").is_dir() else None
 
 
+def _chosen(settings, field: str) -> bool:
+    """Whether `field` of `settings` was given other than its default. A config that went
+    through a flow's parameters (serialised, then validated again) has every field set, so
+    being set alone says nothing; the SD 1.5 default there is taken as no choice."""
+    default = type(settings).model_fields[field].default
+    return field in settings.model_fields_set and getattr(settings, field) != default
+
+
 def resolve_variant(config: ConsistentIDTrainConfig) -> ConsistentIDTrainConfig:
     """`config` with its variant decided, SDXL's defaults filled in where not given; a base
     model or released file of the other variant is refused before anything loads."""
-    from training.weights import SD15, SDXL
+    from training.weights import SDXL
 
     init = weights_variant(config.init_from_reference)[0] if config.init_from_reference else None
     base = _local_variant(config.base_model)
     variant = config.variant or init or base or ("sdxl" if config.base_model == SDXL else "sd15")
     update: dict = {"variant": variant}
-    # A config that went through a flow's parameters names the default base: not a choice.
-    given = "base_model" in config.model_fields_set and config.base_model != SD15
     if variant == "sdxl":
-        if not given:
+        if not _chosen(config, "base_model"):
             update["base_model"], base = SDXL, None
-        if "resolution" not in config.loader.model_fields_set:
+        if not _chosen(config.loader, "resolution"):
             update["loader"] = config.loader.model_copy(update={"resolution": SDXL_RESOLUTION})
-        if "localization_layers" not in config.model.model_fields_set:
+        if not _chosen(config.model, "localization_layers"):
             layers = {"localization_layers": SDXL_LOCALIZATION_LAYERS}
             update["model"] = config.model.model_copy(update=layers)
     for what, found in (("init_from_reference", init), ("base_model", base)):
