@@ -235,6 +235,16 @@ def load_batch(
     return batch
 
 
+def encoded(
+    sample: Sample, models: ModelSet, config: BuildConfig, unseen: list[str]
+) -> dict[str, bytes] | None:
+    """A kept sample's tar members; None for a rejected one (its index row says why)."""
+    if not sample.ok:
+        return None
+    meta = sample_meta(sample, models, config, unseen)
+    return encode_sample(sample, meta, config.align.jpeg_quality)
+
+
 def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: ModelSet) -> dict:
     """Run every input of one shard through the stages and commit the shard. Returns its stats.
 
@@ -248,25 +258,31 @@ def process_shard(plan: ShardPlan, out_dir: str, config: BuildConfig, models: Mo
     chunks = [plan.items[i : i + size] for i in range(0, len(plan.items), size)]
     try:
         with contextlib.ExitStack() as stack:
-            pool = None
+            pool = encoders = None
             if config.decode_workers > 1:
                 pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="fgid-decode")
                 stack.enter_context(pool)
+                # Its own threads: on the decode pool, a batch's encoding would queue behind
+                # the decoding of the batches read ahead.
+                encoders = ThreadPoolExecutor(
+                    config.decode_workers, thread_name_prefix="fgid-encode"
+                )
+                stack.enter_context(encoders)
             stages = build_stages(config, models, journal, pool)
             decode, model_stages = stages[0], stages[1:]
             prepare = getattr(models.detector, "prepare_batch", None)
             load = partial(load_batch, plan.shard_id, decode, prepare)
             batches = stack.enter_context(ReadAhead(load, chunks, config.prefetch_batches))
             loop_started = time.perf_counter()
+            encode = partial(encoded, models=models, config=config, unseen=unseen)
             for batch in batches:
                 for stage in model_stages:
                     stage(batch)
-                for sample in batch:
-                    members = None
-                    if sample.ok:
-                        meta = sample_meta(sample, models, config, unseen)
-                        members = encode_sample(sample, meta, config.align.jpeg_quality)
-                    writer.add(sample, members)
+                # JPEG and PNG encoding release the GIL: a batch's samples encode side by
+                # side, and are written in plan order, so the shard's bytes do not change.
+                members = list(encoders.map(encode, batch)) if encoders else map(encode, batch)
+                for sample, sample_members in zip(batch, members, strict=True):
+                    writer.add(sample, sample_members)
                     sample.release()
                 progress.batch_finished(plan.shard_id, len(batch), sum(not s.ok for s in batch))
             loop_seconds = time.perf_counter() - loop_started
