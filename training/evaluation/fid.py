@@ -96,6 +96,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     with contextlib.redirect_stdout(stdout), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The `disp` argument", DeprecationWarning)
         warnings.filterwarnings("ignore", "Matrix is singular", LinAlgWarning)
+        # sqrtm's error estimate divides by the product's norm, 0 when a set's images give
+        # equal features; pytorch-fid ignores that estimate, and the distance stays finite.
+        warnings.filterwarnings(
+            "ignore", "invalid value encountered in scalar divide", RuntimeWarning, "scipy"
+        )
         value = calculate_frechet_distance(
             a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
         )
