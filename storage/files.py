@@ -74,19 +74,44 @@ def open_input(url: str | Path, **options) -> io.BufferedIOBase:
     return fs.open(path, "rb", **options)
 
 
+# Remote Parquet files up to this size (shard indexes, identities, small plans) are read whole
+# into Arrow's own memory; a bigger one (the plan of millions of inputs, read a row group at a
+# time) stays a Python file object.
+ARROW_IN_MEMORY_MAX = 64 << 20
+
+
 def open_for_arrow(url: str | Path):
-    """A file to hand pyarrow's readers: Arrow's own file when local, fsspec's otherwise.
+    """A file to hand pyarrow's readers, holding no Python object where it can.
 
     pyarrow finishes tearing down a Parquet scan on its own threads after the read returns.
     With a Python file object that teardown takes the GIL; if it comes while the interpreter
     exits, Python ends the thread with pthread_exit and C++ aborts the process ("terminate called
     without an active exception") after a short command such as `fgid status` has printed its
-    output (apache/arrow#33975, #34314). A native file holds no Python objects."""
-    if is_remote(url):
-        return open_input(url)
+    output (apache/arrow#33975, #34314). So a local file is Arrow's own, and a remote one up to
+    ARROW_IN_MEMORY_MAX is copied into an Arrow buffer."""
     import pyarrow as pa
 
-    return pa.OSFile(str(url))
+    if not is_remote(url):
+        return pa.OSFile(str(url))
+    handle = open_input(url)
+    size = getattr(handle, "size", None)
+    if size is None or size > ARROW_IN_MEMORY_MAX:
+        return handle
+    with handle:
+        data = handle.read(ARROW_IN_MEMORY_MAX + 1)
+    if len(data) > ARROW_IN_MEMORY_MAX:  # replaced by a bigger object since it was opened
+        return open_input(url)
+    return pa.BufferReader(arrow_owned(data))
+
+
+def arrow_owned(data: bytes):
+    """`data` copied into a buffer Arrow allocated (a py_buffer would keep the bytes object)."""
+    import numpy as np
+    import pyarrow as pa
+
+    buffer = pa.allocate_buffer(len(data))
+    np.frombuffer(buffer, np.uint8)[:] = np.frombuffer(data, np.uint8)
+    return buffer
 
 
 def is_dir(url: str | Path) -> bool:

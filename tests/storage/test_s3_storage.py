@@ -192,3 +192,27 @@ def test_webdataset_opens_s3_urls_in_a_fresh_interpreter(prefix, s3_env):
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.decode().strip() == "['k1', 'k2']"
+
+
+def test_parquet_objects_reach_pyarrow_without_python_file_objects(prefix, monkeypatch):
+    """A small object is copied into Arrow's memory (a scan's late teardown then needs no GIL
+    at interpreter exit); one over the limit stays a file object, read the same way."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage import files
+
+    table = pa.table({"key": [f"k{i}" for i in range(1000)], "n": list(range(1000))})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    url = storage.join(prefix, "index.parquet")
+    storage.atomic_write_bytes(url, sink.getvalue())
+    with storage.open_for_arrow(url) as handle:
+        assert isinstance(handle, pa.BufferReader)
+        assert pq.read_table(handle).equals(table)
+    monkeypatch.setattr(files, "ARROW_IN_MEMORY_MAX", 100)
+    with storage.open_for_arrow(url) as handle:
+        assert not isinstance(handle, pa.NativeFile)
+        assert pq.read_table(handle).equals(table)
