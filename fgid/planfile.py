@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -56,15 +57,12 @@ class PlanWriter:
         self._flush()
         self.writer.write_table(_with_plan_schema(table))
         self.written = True
-        for shard, size in _shard_runs(table["shard"].to_numpy()):
-            self.sizes[shard] = self.sizes.get(shard, 0) + size
+        _count_shards(self.sizes, table)
 
     def _flush(self) -> None:
         if not self.rows:
             return
-        columns = zip(*self.rows, strict=True)
-        arrays = [pa.array(c, f.type) for c, f in zip(columns, PLAN_SCHEMA, strict=True)]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=PLAN_SCHEMA))
+        self.writer.write_table(_rows_table(self.rows))
         self.rows, self.written = [], True
 
     def __enter__(self) -> PlanWriter:
@@ -86,13 +84,23 @@ class PlanWriter:
         return [PlannedShard(s, n) for s, n in self.sizes.items()]
 
 
-def _shard_runs(shards) -> Iterator[tuple[int, int]]:
-    """(shard, rows) for each run of equal values in a shard column."""
-    start = 0
-    for i in range(1, len(shards) + 1):
-        if i == len(shards) or shards[i] != shards[start]:
-            yield int(shards[start]), i - start
-            start = i
+def _count_shards(sizes: dict[int, int], table: pa.Table) -> None:
+    """Add the rows of each shard in `table` (plan rows, a shard's rows next to each other) to
+    `sizes`, keeping first-seen order."""
+    shards = table["shard"].to_numpy()
+    if not len(shards):
+        return
+    starts = np.r_[0, np.flatnonzero(np.diff(shards)) + 1]
+    lengths = np.diff(np.r_[starts, len(shards)])
+    for shard, size in zip(shards[starts].tolist(), lengths.tolist(), strict=True):
+        sizes[shard] = sizes.get(shard, 0) + size
+
+
+def _rows_table(rows: list[tuple]) -> pa.Table:
+    """Plan rows (shard first, then the item's fields) as a table of the plan's schema."""
+    columns = zip(*rows, strict=True) if rows else [[]] * len(PLAN_SCHEMA)
+    arrays = [pa.array(list(c), f.type) for c, f in zip(columns, PLAN_SCHEMA, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=PLAN_SCHEMA)
 
 
 def write_listing(
@@ -163,8 +171,7 @@ def outline(url: str) -> list[PlannedShard]:
     """The shards of the plan at `url` with their sizes, in plan order, from its shard column."""
     sizes: dict[int, int] = {}
     for table in _row_groups(url, ["shard"]):
-        for shard, size in _shard_runs(table["shard"].to_numpy()):
-            sizes[shard] = sizes.get(shard, 0) + size
+        _count_shards(sizes, table)
     return [PlannedShard(s, n) for s, n in sizes.items()]
 
 
@@ -196,10 +203,7 @@ def read_plan(url: str) -> list[ShardPlan]:
 
 def plan_table(plans: list[ShardPlan]) -> pa.Table:
     """Small plans as one table (tests and tools; a build writes through PlanWriter)."""
-    rows = [(p.shard_id, *_fields(item)) for p in plans for item in p.items]
-    columns = zip(*rows, strict=True) if rows else [[]] * len(PLAN_SCHEMA)
-    arrays = [pa.array(list(c), f.type) for c, f in zip(columns, PLAN_SCHEMA, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=PLAN_SCHEMA)
+    return _rows_table([(p.shard_id, *_fields(item)) for p in plans for item in p.items])
 
 
 def plans_from_table(table: pa.Table) -> list[ShardPlan]:

@@ -16,8 +16,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import pyarrow.compute as pc
-
 import storage
 from fgid import progress
 from fgid.dataset import STATUS_FILE, SUMMARY_FILE, Dataset, write_json
@@ -76,9 +74,8 @@ def _read_status_file(dataset: Dataset) -> dict:
 
 def build_status(dataset: Dataset) -> dict:
     """The state of the build in `dataset`: running, interrupted or finished, with figures."""
-    plan = dataset.plan_table(["shard"])
-    shards = pc.unique(plan["shard"]).to_pylist()
-    planned_inputs = plan.num_rows
+    shards = dataset.outline()
+    planned_inputs = sum(p.size for p in shards)
     stats = dataset.all_stats()
     done_inputs = sum(s["inputs"] for s in stats.values())
     rejected = sum(s["rejected"] for s in stats.values())
