@@ -99,13 +99,18 @@ def write_dataset(out: Path, samples: int, shard_size: int) -> int:
     return identities
 
 
-def run_finalize(out: str) -> None:
-    """Child process: finalize `out` and print seconds, peak RSS and what it found."""
+def run_finalize(out: str, spill: bool = False) -> None:
+    """Child process: finalize `out` and print seconds, peak RSS and what it found. `spill`
+    holds the embeddings in a memory-mapped file (as when they do not fit in memory); the peak
+    RSS then counts the file's cached pages too, and `peak_anon_mb` (sampled) only the rest."""
+    from fgid import finalize
     from fgid.config import BuildConfig
-    from fgid.finalize import finalize
 
+    if spill:
+        finalize.SPILL_SHARE = 0.0
+    anon = AnonPeak()
     start = time.perf_counter()
-    summary = finalize(out, BuildConfig())
+    summary = finalize.finalize(out, BuildConfig())
     seconds = time.perf_counter() - start
     peak_kb = peak_rss_kb()
     print(
@@ -113,11 +118,33 @@ def run_finalize(out: str) -> None:
             {
                 "seconds": round(seconds, 2),
                 "peak_rss_mb": round(peak_kb / 1024),
+                "peak_anon_mb": round(anon.stop() / 1024),
+                "spilled": spill,
                 "identities_found": summary["identities"]["total"],
                 "exact_duplicates": summary["duplicates"]["exact"],
             }
         )
     )
+
+
+class AnonPeak:
+    """The highest RssAnon (memory not backed by a file) seen, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, status_kb("RssAnon:"))
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, status_kb("RssAnon:"))
 
 
 APPEND_FRACTION = 0.1
@@ -137,8 +164,12 @@ def run_in_child(kind: str, **args) -> dict:
 def peak_rss_kb() -> int:
     """This process's own peak RSS. Not ru_maxrss: Linux keeps that across exec, so a child
     would report the peak of the bench process that started it."""
+    return status_kb("VmHWM:")
+
+
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
 
 
 def measured(started: float, **extra) -> None:
@@ -277,13 +308,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="20000,100000", help="comma-separated sample counts")
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--keep", help="write the synthetic builds here and keep them")
+    parser.add_argument(
+        "--spill", action="store_true", help="finalize from a memory-mapped embeddings file"
+    )
     parser.add_argument("--finalize", help=argparse.SUPPRESS)  # the child's entry point
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the other children's
     parser.add_argument("--build-sizes", default="", help="whole builds with stub models")
     parser.add_argument("--planning-sizes", default="", help="planning only, of this many inputs")
     args = parser.parse_args()
     if args.finalize:
-        run_finalize(args.finalize)
+        run_finalize(args.finalize, args.spill)
         return
     if args.child:
         run_child(json.loads(args.child))
@@ -296,7 +330,8 @@ def main() -> None:
             identities = write_dataset(out, size, args.shard_size)
             written = time.perf_counter() - start
             child = subprocess.run(
-                [sys.executable, "-m", "bench.scale_bench", "--finalize", str(out)],
+                [sys.executable, "-m", "bench.scale_bench", "--finalize", str(out)]
+                + ["--spill"] * args.spill,
                 check=True,
                 stdout=subprocess.PIPE,  # stderr passes through: a failure shows its traceback
                 text=True,

@@ -107,6 +107,79 @@ class VectorTable:
         return out
 
 
+class TorchTable:
+    """VectorTable's exact search on a torch device: one matrix product and a top-k per block
+    of queries. For a CUDA GPU without faiss's GPU build (faiss-cpu has none; the GPU wheels are
+    tied to one CUDA version): there every size is searched exactly, since a GPU compares 200k
+    centroids with a block in well under a millisecond. Same results as VectorTable up to ties
+    and float32 rounding; callers re-rank the candidates exactly."""
+
+    SLICE_ROWS = 1 << 20
+
+    def __init__(self, dim: int, inner_product: bool, device: str) -> None:
+        import torch
+
+        self.torch, self.inner_product = torch, inner_product
+        self.data = torch.zeros((1024, dim), dtype=torch.float32, device=device)
+        self.size = 0
+
+    def set(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        torch = self.torch
+        if not len(ids):
+            return
+        need = int(ids.max()) + 1
+        if need > len(self.data):
+            grown = self.data.new_zeros((max(need, 2 * len(self.data)), self.data.shape[1]))
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+        rows = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.data.device)
+        self.data[torch.from_numpy(np.asarray(ids, np.int64)).to(self.data.device)] = rows
+        self.size = max(self.size, need)
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        out = np.full((len(queries), k), -1, np.int64)
+        if not self.size or not len(queries):
+            return out
+        torch, kk = self.torch, min(k, self.size)
+        q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.data.device)
+        best_score = best_id = None
+        # A slice of rows at a time: 256 queries against 20M centroids would be 20 GB of scores.
+        for lo in range(0, self.size, self.SLICE_ROWS):
+            base = self.data[lo : min(lo + self.SLICE_ROWS, self.size)]
+            score = q @ base.T
+            if not self.inner_product:  # nearest in L2: largest 2q.b - |b|^2 (|q|^2 per row)
+                score = 2 * score - (base * base).sum(1)
+            top = torch.topk(score, min(kk, len(base)), dim=1)
+            scores, ids = top.values, top.indices + lo
+            if best_score is not None:  # merge with the best of the slices before
+                scores, ids = torch.cat([best_score, scores], 1), torch.cat([best_id, ids], 1)
+                keep = torch.topk(scores, min(kk, scores.shape[1]), dim=1).indices
+                scores, ids = torch.gather(scores, 1, keep), torch.gather(ids, 1, keep)
+            best_score, best_id = scores, ids
+        out[:, :kk] = best_id.cpu().numpy()
+        return out
+
+
+def exact_table(dim: int, inner_product: bool, device: str = "cpu"):
+    """The exact search for `device`: faiss (on a GPU too where faiss has one), or torch on a
+    GPU faiss cannot use."""
+    if device == "cpu" or gpu_count():
+        return VectorTable(dim, inner_product)
+    return TorchTable(dim, inner_product, device)
+
+
+def search_device(spec: str = "auto") -> str:
+    """Where the centroid search runs: "cpu", or a CUDA device torch sees (faiss's own GPU build
+    counts as one). `spec` is models.device: "auto", "cpu", "cuda" or "cuda:N"."""
+    if spec == "cpu":
+        return "cpu"
+    if gpu_count():
+        return "cuda"
+    from fgid.backends.full.device import torch_device
+
+    return torch_device(spec)
+
+
 class HammingTable:
     """Directions searched by the Hamming distance of `bits`-bit sign codes (random hyperplanes,
     SimHash): the fraction of differing bits estimates the angle between two vectors, and a

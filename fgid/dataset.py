@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 import storage
 from fgid import planfile
 from fgid.errors import FailureError, UsageError
-from fgid.inputs import PLAN_FILE, PlannedShard, ShardPlan
+from fgid.inputs import PLAN_FILE, PlannedShard, ShardPlan, suggestion
 from fgid.schema import IDENTITY_SCHEMA, INDEX_SCHEMA, STATUS_OK, shard_name
 from fgid.shardtar import OnSkip, UnsafeSample, is_key, open_samples
 from storage.lock import OutputHeld, OutputLock, describe, holder
@@ -94,6 +95,8 @@ class Dataset:
     def open(cls, root: str, *, finished: bool = False) -> Dataset:
         """The dataset at `root`, or NotADataset naming what is missing."""
         dataset = cls(root)
+        if not storage.is_remote(str(root)) and not Path(root).exists():
+            raise NotADataset(f"no such folder: {root}{suggestion(Path(root))}")
         needed = [BUILD_FILE, PLAN_FILE] + ([SUMMARY_FILE, IDENTITIES_FILE] if finished else [])
         for name in needed:
             if not storage.exists(dataset.path(name)):

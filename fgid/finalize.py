@@ -7,7 +7,10 @@ identities the samples of the earlier builds already had, which it keeps.
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,12 @@ from fgid.dataset import IDENTITIES_FILE, Dataset
 from fgid.schema import INDEX_SCHEMA, REGIONS, STATUS_OK, reason_code
 
 AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
+# Embeddings that would take more than this share of the memory available are held in a
+# memory-mapped temporary file instead (under TMPDIR): 10M 512-d faces are 20 GB. Clustering reads
+# them in plan order, so the page cache serves them; only the file's size must fit on disk.
+SPILL_SHARE = 0.5
+
+log = logging.getLogger(__name__)
 
 
 def read_index(out_dir: str, columns: list[str] | None = None) -> pa.Table:
@@ -27,9 +36,10 @@ def read_index(out_dir: str, columns: list[str] | None = None) -> pa.Table:
     return Dataset(out_dir).index(columns)
 
 
-def read_embeddings(dataset: Dataset, kept: pa.Table) -> np.ndarray:
+def read_embeddings(dataset: Dataset, kept: pa.Table, spill_dir: str | None = None) -> np.ndarray:
     """The embeddings of `kept` (the index's ok rows, in order) as one float32 (rows, dim) array,
-    read one shard at a time: the column never exists whole as Arrow lists or Python floats."""
+    read one shard at a time: the column never exists whole as Arrow lists or Python floats.
+    With `spill_dir`, an array too big for memory (SPILL_SHARE) is a memory-mapped file there."""
     shards = kept["shard"].to_numpy()
     if not len(shards):  # nothing kept: no rows, and no width to read
         return np.zeros((0, 0), np.float32)
@@ -48,9 +58,37 @@ def read_embeddings(dataset: Dataset, kept: pa.Table) -> np.ndarray:
         if embeddings.shape[1] != dim:
             if lo:
                 raise ValueError(f"shard {shards[lo]}: {dim}-d embeddings among others")
-            embeddings = np.empty((len(shards), dim), np.float32)
+            embeddings = _allocate(len(shards), dim, spill_dir)
         embeddings[lo:hi] = values.flatten().to_numpy().reshape(-1, dim)
     return embeddings
+
+
+def memory_available() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _allocate(rows: int, dim: int, spill_dir: str | None) -> np.ndarray:
+    nbytes = rows * dim * 4
+    available = memory_available()
+    if spill_dir is None or available is None or nbytes <= SPILL_SHARE * available:
+        return np.empty((rows, dim), np.float32)
+    path = Path(spill_dir) / "embeddings.f32"
+    log.info(
+        "embeddings take %.1f GB, more than %d%% of the %.1f GB of memory available: "
+        "holding them in a memory-mapped file in %s",
+        nbytes / 1e9,
+        round(SPILL_SHARE * 100),
+        available / 1e9,
+        spill_dir,
+    )
+    return np.memmap(path, np.float32, mode="w+", shape=(rows, dim))
 
 
 def assign_identities(
@@ -66,7 +104,9 @@ def assign_identities(
         config.group.threshold,
         config.group.near_duplicate,
     )
-    return grouping.assign(kept, embeddings, metric, threshold, near, previous)
+    return grouping.assign(
+        kept, embeddings, metric, threshold, near, previous, device=config.models.device
+    )
 
 
 def previous_identities(dataset: Dataset, kept: pa.Table) -> tuple[pa.Array, pa.Array] | None:
@@ -183,10 +223,12 @@ def finalize(out_dir: str, config: BuildConfig) -> dict:
     index = dataset.index(GROUPING_COLUMNS)
     kept = index.filter(pc.equal(index["status"], STATUS_OK))
     del index
-    embeddings = read_embeddings(dataset, kept)
-    identities = assign_identities(kept, embeddings, config, previous_identities(dataset, kept))
-    dim = embeddings.shape[1] if kept.num_rows else None
-    del embeddings, kept  # the largest things finalize holds; the summary needs neither
+    with tempfile.TemporaryDirectory(prefix="fgid-finalize-") as spill:
+        embeddings = read_embeddings(dataset, kept, spill)
+        previous = previous_identities(dataset, kept)
+        identities = assign_identities(kept, embeddings, config, previous)
+        dim = embeddings.shape[1] if kept.num_rows else None
+        del embeddings, kept  # the largest things finalize holds; the summary needs neither
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed blocks otherwise
     dataset.write_identities(identities)
     index = dataset.index([name for name in INDEX_SCHEMA.names if name != "embedding"])

@@ -71,13 +71,16 @@ def distances(vectors: np.ndarray, points: np.ndarray, metric: str) -> np.ndarra
 class _Centroids:
     """Running sums and counts per identity, and the search table of their centroids."""
 
-    def __init__(self, dim: int, cosine: bool, exact: bool) -> None:
+    def __init__(self, dim: int, cosine: bool, exact: bool, small: bool, device: str) -> None:
         self.cosine = cosine
-        # float64 sums make the exact search equal the one-by-one algorithm; the approximate
-        # one is not bit-exact anyway, and float32 halves the largest table (1 GB at 200k).
-        self.sums = ann.Rows(dim, np.float64 if exact else np.float32)
+        # float64 sums make a small exact search equal the one-by-one algorithm; past that it
+        # is not bit-exact anyway, and float32 halves the largest table (1 GB at 200k).
+        self.sums = ann.Rows(dim, np.float64 if small else np.float32)
         self.counts = np.zeros(1024, np.int64)
-        self.table = ann.VectorTable(dim, cosine) if exact else ann.HammingTable(dim, CODE_BITS)
+        if exact:
+            self.table = ann.exact_table(dim, cosine, device)
+        else:
+            self.table = ann.HammingTable(dim, CODE_BITS)
 
     def __len__(self) -> int:
         return self.sums.size
@@ -134,6 +137,7 @@ def cluster(
     exact: bool | None = None,
     seed: tuple[np.ndarray, np.ndarray] | None = None,
     rows: np.ndarray | None = None,
+    device: str = "auto",
 ) -> np.ndarray:
     """Leader clustering in row order -> identity per row (0, 1, ... in order of first use).
 
@@ -142,16 +146,19 @@ def cluster(
 
     `seed` (sums (k, D), counts (k,)) starts from k identities already made, as the clustering
     of earlier rows left them: ids 0..k-1 are those, new ones follow from k.
-    `exact=None` picks the exact search up to EXACT_UP_TO rows, sign codes above (cosine only:
-    the codes estimate angles, not euclidean distances)."""
+    `exact=None` picks the exact search up to EXACT_UP_TO rows; above, the exact search on a
+    GPU where there is one (`device`, as models.device: "auto", "cpu", "cuda[:N]"), else sign
+    codes (cosine only: the codes estimate angles, not euclidean distances)."""
     x = np.asarray(embeddings, np.float32)
     n, dim = (len(x) if rows is None else len(rows)), x.shape[1]
     labels = np.empty(n, np.int64)
     cosine = metric == "cosine"
     seeded = 0 if seed is None else int(seed[1].sum())
+    small = n + seeded <= EXACT_UP_TO
+    where = "cpu" if small or device == "cpu" else ann.search_device(device)
     if exact is None:
-        exact = n + seeded <= EXACT_UP_TO
-    state = _Centroids(dim, cosine, exact or not cosine)
+        exact = small or where != "cpu"
+    state = _Centroids(dim, cosine, exact or not cosine, small, where)
     if seeded:
         state.seed(*seed)
     for start in range(0, n, BLOCK):
@@ -276,8 +283,10 @@ def assign(
     threshold: float,
     near: float,
     previous: tuple[pa.Array, pa.Array] | None = None,
+    device: str = "auto",
 ) -> pa.Table:
     """IDENTITY_SCHEMA table, one row per kept sample (`key`, `shard`, `sha256`, `label`).
+    `device` is where a big clustering searches (cluster()).
 
     `previous` (identity and identity_source per kept row, null where there is none) keeps the
     identities of an earlier build: those rows keep theirs, and the others are clustered after
@@ -306,7 +315,7 @@ def assign(
     cluster_names = pa.array([], pa.string())
     if len(todo):
         seed, seed_names = _seed(old_names, old_sources, embeddings)
-        clusters = cluster(embeddings, metric, threshold, seed=seed, rows=todo)
+        clusters = cluster(embeddings, metric, threshold, seed=seed, rows=todo, device=device)
         # Named after the first member's key, not a running number: the name stays the same
         # when other identities are removed (takedowns) or added, and it never collides.
         # New ids follow the seeds without gaps, in order of first use.

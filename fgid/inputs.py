@@ -273,7 +273,7 @@ def _collect_remote(url: str, columns) -> Iterable[Entry]:
     return [Entry(url)]  # a missing object in an existing bucket: an `unreadable` row, as locally
 
 
-def _suggestion(path: Path) -> str:
+def suggestion(path: Path) -> str:
     """' (did you mean P?)' for the closest name beside the first missing part of `path`."""
     missing = path.absolute()
     while not missing.parent.exists() and missing.parent != missing:
@@ -335,7 +335,7 @@ def _collect_one(raw: str, exclude: frozenset[str], columns=None) -> Iterable[En
         # a FIFO or device named *.txt is refused, never read
         return map(Entry, _read_list(str(path)))
     if not path.exists() and not path.is_symlink():
-        raise InputNotFound(f"input not found: {raw}{_suggestion(path)}")
+        raise InputNotFound(f"input not found: {raw}{suggestion(path)}")
     if path.is_file():
         found = _collect_file(os.path.abspath(raw), columns)
         if found is not None:
@@ -399,36 +399,33 @@ def collect_sources(inputs: list[str], exclude: Iterable[str] = (), columns=None
     return [e.source for e in iter_entries(inputs, exclude, columns)]
 
 
-def check_inputs(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> int:
-    """How many sources a build of `inputs` would plan, or InputError naming every problem.
+def check_inputs(inputs: list[str], exclude: Iterable[str] = (), columns=None) -> None:
+    """InputError naming every problem with `inputs`, for a command to call before it writes
+    anything: an input that does not exist (with the nearest existing name as a hint), a
+    folder, prefix, list file, table or archive that yields no image, a bad list file, table or
+    archive, a URL with credentials, or no input at all. Each problem is one line in
+    `InputError.problems`; the messages never repeat a credential.
 
-    For a command to call before it writes anything: an input that does not exist (with the
-    nearest existing name as a hint), a folder, prefix, list file, table or archive that yields
-    no image, a bad list file, table or archive, a URL with credentials, or no image at all.
-    Each problem is one line in `InputError.problems`; the messages never repeat a credential.
-    Counted in bounded memory, as planning lists them."""
+    A folder or an object-store input is read up to its first image only: planning lists it
+    (once; a bucket of millions takes minutes to list), and what planning finds further on is
+    still refused before the output is written. Local list files, tables and archives are read
+    whole here, so a bad line is named before a Prefect server starts."""
     skip = frozenset(os.path.abspath(e) for e in exclude if not storage.is_remote(e))
     problems: list[str] = []
-
-    def each_input() -> Iterator[Entry]:
-        for raw in map(str, inputs):
-            given = 0
-            try:
-                for entry in _collect_one(raw, skip, columns):
-                    given += 1
-                    yield entry
-            except InputError as error:
-                problems.extend(error.problems)
-                continue
-            if not given:
+    for raw in map(str, inputs):
+        try:
+            entries = iter(_collect_one(raw, skip, columns))
+            if next(entries, None) is None:
                 problems.append(f"no images found in {raw}")
-
-    sources = sum(1 for _ in sorted_entries(each_input()))
+            elif not (storage.is_remote(raw) or os.path.isdir(raw)):
+                for _ in entries:
+                    pass
+        except InputError as error:
+            problems.extend(error.problems)
     if problems:
         raise InputError(*problems)
-    if not sources:
-        raise InputError(f"no images found in the inputs: {', '.join(map(str, inputs)) or '-'}")
-    return sources
+    if not inputs:
+        raise InputError("no images found in the inputs: -")
 
 
 def read_labels(path: str | None) -> dict[str, str]:

@@ -69,6 +69,15 @@ def build_stages(
 def prepare_output(
     inputs: list[str], out_dir: str, config: BuildConfig, append: bool = False
 ) -> list[PlannedShard]:
+    """_prepare_output, then the `planned` progress event (the CLI's bar learns its total)."""
+    plans = _prepare_output(inputs, out_dir, config, append)
+    progress.planned(sum(p.size for p in plans), len(plans))
+    return plans
+
+
+def _prepare_output(
+    inputs: list[str], out_dir: str, config: BuildConfig, append: bool = False
+) -> list[PlannedShard]:
     """Plan the shards and record the plan, or check a rerun against the recorded one; returns
     the plan's outline (each shard's inputs are read when it is built: Dataset.shard_plan).
 
@@ -80,7 +89,6 @@ def prepare_output(
     # A caller that holds the dataset's lock passes; a build while another process holds it
     # would delete that process's files or mix two plans: refused (DatasetInUse).
     dataset.check_free()
-    dataset.prepare()
     build_info = {
         "config_hash": config.output_hash(),
         "config": config.model_dump(mode="json"),
@@ -93,7 +101,9 @@ def prepare_output(
     items = iter_items(inputs, config.labels, columns=config.inputs)
     with tempfile.TemporaryDirectory(prefix="fgid-plan-") as folder:
         listing = os.path.join(folder, "listing.parquet")
+        # Listed before anything is written: a bad input found now leaves the output as it was.
         planned = write_listing(listing, items, config.shard_size, removed)
+        dataset.prepare()
         if previous is None:
             history.start(dataset, history.BUILD, planned, inputs)
             copy_plan(listing, dataset.root)
@@ -365,7 +375,12 @@ def build(
             return Dataset(out_dir).summary()
         stack.enter_context(recording(Dataset(out_dir), plans))
         todo = [p for p in plans if not shard_done(out_dir, p.shard_id)]
-        log.info("%d shards planned, %d to do", len(plans), len(todo))
+        log.info(
+            "%d inputs in %d shards planned, %d to do",
+            sum(p.size for p in plans),
+            len(plans),
+            len(todo),
+        )
         for plan in plans:
             if plan not in todo:
                 progress.shard_skipped(shard_stats(out_dir, plan.shard_id))

@@ -1,6 +1,7 @@
 """Build progress events, so a CLI progress bar works the same with or without Prefect.
 
-A shard's inputs are reported as each batch finishes (`batch_finished`), and the shard as a
+The plan is reported once inputs are listed (`planned`). A shard's inputs are reported as each
+batch finishes (`batch_finished`), and the shard as a
 whole when it is committed (`shard_finished`), found already done (`shard_skipped`) or given
 up after its retries (`shard_failed`, which takes its batches back out of the count). Batch
 events only reach listeners in the process that builds the shard; under Dask the flow reports
@@ -37,6 +38,11 @@ def _emit(kind: str, payload: dict) -> None:
         listener(kind, payload)
 
 
+def planned(inputs: int, shards: int) -> None:
+    """The build's plan is known: how many inputs and shards it has (listing comes first)."""
+    _emit("planned", {"inputs": inputs, "shards": shards})
+
+
 def batch_finished(shard: int, inputs: int, rejected: int) -> None:
     _emit("batch", {"shard": shard, "inputs": inputs, "rejected": rejected})
 
@@ -68,6 +74,8 @@ class Tracker:
     def __call__(self, kind: str, payload: dict) -> int:
         """Record one event; returns how many inputs it added."""
         with self._lock:
+            if kind == "planned":
+                return 0
             if kind == "batch":
                 seen = self._seen.setdefault(payload["shard"], [0, 0])
                 seen[0] += payload["inputs"]

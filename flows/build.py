@@ -151,7 +151,8 @@ def _build_shards(
         # A rerun after a failure or a kill: say so in the run list, not only in its logs.
         tag_flow_run(["resume"], name=f"{_run_name()}-resume")
     logger.info(
-        "%d shards planned, %d already done, %d to build",
+        "%d inputs in %d shards planned, %d already done, %d to build",
+        sum(p.size for p in plans),
         len(plans),
         len(done_before),
         len(todo),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -159,27 +160,49 @@ def _run_build(
             check_url(url)
     except ValueError as error:  # the message never repeats the URL
         raise typer.BadParameter(str(error), param_hint="INPUTS / --out") from None
-    # Mistakes are refused before anything is written: missing inputs, no images, bad labels.
-    total = check_inputs(inputs, exclude=[out], columns=cfg.inputs)
+    # Mistakes are refused before anything is written: missing inputs, no images, bad labels
+    # (and, by planning, anything wrong further into a folder or bucket than its first image).
+    check_inputs(inputs, exclude=[out], columns=cfg.inputs)
     read_labels(cfg.labels)
-    console.print(
-        f"[bold]fgid build[/]: {total} inputs -> {escape(str(out))} (models: {cfg.models.set})"
+    named = ", ".join(map(str, inputs[:3])) + (
+        f" and {len(inputs) - 3} more" if len(inputs) > 3 else ""
     )
-    if not use_prefect:
-        from fgid.pipeline import build as build_plain
+    console.print(
+        f"[bold]fgid build[/]: {escape(named)} -> {escape(str(out))} (models: {cfg.models.set})"
+    )
+    with _left_as_it_was(out):
+        if not use_prefect:
+            from fgid.pipeline import build as build_plain
 
-        with build_progress(console, total):
-            return build_plain(inputs, out, cfg, append=append)
-    with prefect_session():
-        from flows.build import build as build_flow
-        from flows.runners import describe, gpu_request, task_runner
+            with build_progress(console):
+                return build_plain(inputs, out, cfg, append=append)
+        with prefect_session():
+            from flows.build import build as build_flow
+            from flows.runners import describe, gpu_request, task_runner
 
-        runner = task_runner(kind, workers=cfg.workers, address=address, gpus=gpu_request(cfg))
-        console.print(f"shards run on {describe(runner)}")
-        with build_progress(console, total):
-            return build_flow.with_options(task_runner=runner)(
-                inputs=[str(i) for i in inputs], out=str(out), config=cfg, append=append
-            )
+            runner = task_runner(kind, workers=cfg.workers, address=address, gpus=gpu_request(cfg))
+            console.print(f"shards run on {describe(runner)}")
+            with build_progress(console):
+                return build_flow.with_options(task_runner=runner)(
+                    inputs=[str(i) for i in inputs], out=str(out), config=cfg, append=append
+                )
+
+
+@contextlib.contextmanager
+def _left_as_it_was(out: str):
+    """A build refused as a usage error (inputs found bad while planning) leaves no empty output
+    folder behind where there was none; anything in it stays."""
+    from fgid.errors import UsageError
+    from storage import is_remote
+
+    existed = is_remote(out) or os.path.exists(out)
+    try:
+        yield
+    except UsageError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
 
 
 def _print_summary(summary: dict, out: str) -> None:

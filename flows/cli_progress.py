@@ -77,8 +77,9 @@ def logs_through(console: Console) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def build_progress(console: Console, total: int) -> Iterator[progress.Tracker]:
-    """A bar over `total` inputs while the body builds; yields the tracker it feeds."""
+def build_progress(console: Console, total: int | None = None) -> Iterator[progress.Tracker]:
+    """A bar over `total` inputs while the body builds (None: until the plan is known, from
+    its `planned` event); yields the tracker it feeds."""
     bar = Progress(
         TextColumn("[bold]building[/]"),
         BarColumn(),
@@ -97,6 +98,9 @@ def build_progress(console: Console, total: int) -> Iterator[progress.Tracker]:
     tracker = progress.Tracker()
 
     def on_event(kind: str, payload: dict) -> None:
+        if kind == "planned":
+            bar.update(task, total=payload["inputs"])
+            return
         added = tracker(kind, payload)
         if kind == "skipped":
             # Done before this run: fill the bar without counting it in the rate.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.scale_bench import synthetic_faces
-from fgid import grouping
+from fgid import ann, grouping
 from fgid.finalize import read_index
 from fgid.pipeline import build
 from tests.corpus import make_identity_corpus
@@ -268,6 +270,56 @@ def test_cluster_equals_the_exact_leader_algorithm(monkeypatch, block, candidate
         assert grouping.cluster(faces, metric, 0.6).tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("block, candidates", [(256, 16), (16, 2)])
+def test_cluster_searched_with_torch_equals_the_exact_leader_algorithm(
+    monkeypatch, block, candidates
+):
+    # The search a GPU without faiss's GPU build gets (ann.TorchTable), here on the CPU.
+    monkeypatch.setattr(grouping, "BLOCK", block)
+    monkeypatch.setattr(grouping, "CANDIDATES", candidates)
+    made = []
+
+    def torch_table(dim, inner_product, device="cpu"):
+        made.append(ann.TorchTable(dim, inner_product, "cpu"))
+        return made[-1]
+
+    monkeypatch.setattr(ann, "exact_table", torch_table)
+    for metric, faces in mixtures(block + 1):
+        expected = group_exact(faces, metric, 0.6)
+        assert grouping.cluster(faces, metric, 0.6).tolist() == expected.tolist()
+    assert made and all(t.size > 1 for t in made)
+
+
+@pytest.mark.parametrize("inner_product", [True, False])
+def test_torch_table_finds_what_faiss_finds(inner_product, monkeypatch):
+    monkeypatch.setattr(ann.TorchTable, "SLICE_ROWS", 700)  # merged across slices
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(3000, 64)).astype(np.float32)
+    queries = rng.normal(size=(100, 64)).astype(np.float32)
+    tables = [ann.VectorTable(64, inner_product), ann.TorchTable(64, inner_product, "cpu")]
+    for table in tables:  # written in two parts, growing, the second part rewritten once
+        table.set(np.arange(2000), base[:2000])
+        table.set(np.arange(1000, 3000), base[1000:])
+    faiss_ids, torch_ids = (t.search(queries, 8) for t in tables)
+    assert (faiss_ids == torch_ids).mean() > 0.99 and (torch_ids[:, 0] == faiss_ids[:, 0]).all()
+    assert (tables[1].search(queries, 5000)[:, 3000:] == -1).all()
+
+
+def test_a_big_clustering_searches_exactly_where_a_gpu_is(monkeypatch):
+    monkeypatch.setattr(grouping, "EXACT_UP_TO", 100)
+    faces, _ = synthetic_faces(60, 5, dim=64)
+    exact = grouping.cluster(faces, "cosine", 0.6, exact=True, device="cpu")  # faiss
+    seen = []
+    monkeypatch.setattr(ann, "search_device", lambda spec: seen.append(spec) or "cuda:1")
+    monkeypatch.setattr(ann, "exact_table", lambda d, ip, device: seen.append(device) or
+                        ann.TorchTable(d, ip, "cpu"))  # fmt: skip
+    assert grouping.cluster(faces, "cosine", 0.6).tolist() == exact.tolist()
+    assert seen == ["auto", "cuda:1"]  # asked where, and searched there exactly
+    seen.clear()
+    grouping.cluster(faces, "cosine", 0.6, device="cpu")
+    assert seen == []  # models.device=cpu: sign codes, never a GPU
+
+
 def test_near_duplicates_equal_the_exact_search(monkeypatch):
     monkeypatch.setattr(grouping, "SMALL_GROUP", 4)  # small groups batched, larger looped
     rng = np.random.default_rng(3)
@@ -305,3 +357,26 @@ def test_sign_code_search_agrees_with_exact_on_20k_faces():
         agree = (exact[p] == exact[q]) == (approx[p] == approx[q])
         assert agree.mean() >= 0.99
     assert (exact[same_a] == exact[same_b]).mean() >= 0.99  # and exact finds the true people
+
+
+def test_embeddings_too_big_for_memory_are_finalized_from_a_mapped_file(
+    tmp_path, monkeypatch, caplog
+):
+    from bench.scale_bench import write_dataset
+    from fgid import finalize
+    from fgid.config import BuildConfig
+
+    write_dataset(tmp_path / "ds", 3000, 1000)
+    in_memory = finalize.finalize(str(tmp_path / "ds"), BuildConfig())
+    held = (tmp_path / "ds" / "identities.parquet").read_bytes()
+    # Past any share of the memory there is: spilled, whatever this machine has.
+    monkeypatch.setattr(finalize, "SPILL_SHARE", 0.0)
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    with caplog.at_level(logging.INFO, logger="fgid.finalize"):
+        mapped = finalize.finalize(str(tmp_path / "ds"), BuildConfig())
+    assert "memory-mapped file" in caplog.text
+    assert mapped == in_memory and mapped["identities"]["total"] == 600
+    assert (tmp_path / "ds" / "identities.parquet").read_bytes() == held
+    assert list(spill_root.iterdir()) == []  # the file goes with finalize

@@ -130,7 +130,7 @@ def test_check_inputs_lists_every_problem_before_anything_is_planned(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.md").write_text("no images here")
-    assert check_inputs([str(tmp_path / "photos"), str(tmp_path / "photos" / "a.jpg")]) == 1
+    assert check_inputs([str(tmp_path / "photos"), str(tmp_path / "photos" / "a.jpg")]) is None
     with pytest.raises(InputError) as caught:
         check_inputs([str(tmp_path / "photos"), str(tmp_path / "empty"), str(tmp_path / "phots")])
     assert caught.value.problems == [
@@ -211,7 +211,7 @@ def test_finalize_columns_of_an_old_shard_index_read_as_nulls(tmp_path):
 def test_web_urls_in_inputs_and_lists_are_sources_never_listed(tmp_path):
     listing = tmp_path / "urls.txt"
     listing.write_text("https://example.com/a.jpg\nhttp://example.com/b.jpg\n")
-    assert check_inputs([str(listing), "https://example.com/c.jpg"]) == 3
+    assert check_inputs([str(listing), "https://example.com/c.jpg"]) is None
     sources = collect_sources([str(listing), "https://example.com/c.jpg"])
     assert sources == [
         "http://example.com/b.jpg",

@@ -133,7 +133,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_build(
     keys = index.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == len(list(demo_inputs.iterdir()))  # none lost, none twice
     # Shards finished before the kill were not rebuilt.
-    assert f"5 shards planned, {5 - finished_before} to do" in rerun.stderr
+    assert f"in 5 shards planned, {5 - finished_before} to do" in rerun.stderr
 
 
 def test_sigkill_of_a_prefect_build_resumes(reference, demo_inputs, tmp_path, prefect_server):

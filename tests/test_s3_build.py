@@ -263,3 +263,23 @@ def test_prefect_build_survives_an_s3_server_restart(
         assert_no_partial_objects(out)
     finally:
         server.stop()
+
+
+def test_a_bad_line_deep_in_a_bucket_list_is_refused_by_planning(s3, tmp_path, capsys, monkeypatch):
+    # A bucket input is checked only up to its first image before the build starts; what
+    # planning finds past it is refused the same way, and the output is not left behind.
+    import fgid.inputs
+    from flows.cli import app
+    from flows.cli_common import run_cli
+
+    monkeypatch.setattr(fgid.inputs, "LINE_MAX_BYTES", 64)
+    listing = f"s3://{BUCKET}/lists/long.txt"
+    storage.atomic_write_bytes(listing, b"https://example.com/a.jpg\n" + b"x" * 65 + b".jpg\n")
+    fgid.inputs.check_inputs([listing])  # its first image is there
+    out = tmp_path / "out"
+    code = run_cli(app, ["build", listing, "--out", str(out), "--models", "lite", "--no-prefect"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and "long.txt:2: a line longer than 64 bytes" in lines[0], err
+    assert not out.exists()

@@ -55,8 +55,10 @@ CASES = {
         ["remove", "{tmp}/plain", "--identity", "x", "--reason", "t1"], "not a finished fgid build"
     ),
     "caption a missing folder": (
-        ["caption", "{tmp}/nonexistent", "--no-prefect", "--models", "lite"], "not a finished"
+        ["caption", "{tmp}/nonexistent", "--no-prefect", "--models", "lite"], "no such folder"
     ),
+    "status of a misspelled folder": (["status", "{tmp}/plian"], "did you mean"),
+    "inspect a misspelled folder": (["inspect", "{tmp}/plian"], "plain?"),
     "export a plain folder": (
         ["export", "consistentid", "{tmp}/plain", "--out", "{tmp}/exp"], "not a finished"
     ),
