@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import faiss
 import numpy as np
 
+# Device files of the GPUs torch can use (NVIDIA's driver, AMD's ROCm).
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
 # Rows per storage chunk: a growing table never copies what it already holds.
 CHUNK_ROWS = 65536
 # Below this many multiply-adds a search runs on one thread: faiss's OpenMP threads spin-wait, and
@@ -175,6 +179,8 @@ def search_device(spec: str = "auto") -> str:
         return "cpu"
     if gpu_count():
         return "cuda"
+    if spec == "auto" and "torch" not in sys.modules and not any(map(os.path.exists, GPU_NODES)):
+        return "cpu"  # no GPU to find: importing torch to learn that costs 2 s and 300 MB
     from fgid.backends.full.device import torch_device
 
     return torch_device(spec)

@@ -11,7 +11,8 @@ inside the block, samples are resolved one by one against those candidates, re-r
 and, exactly, against every centroid the block itself changed or created. With the exact float
 search this is the leader algorithm exactly; above EXACT_UP_TO samples (cosine only) the block
 search compares CODE_BITS-bit sign codes instead (ann.HammingTable), about 20x cheaper per
-pair, so the candidates are approximate and the decisions still exact distances.
+pair, so the candidates are approximate and the decisions still exact distances. Where there is
+a GPU, the search stays exact at every size (ann.exact_table).
 
 Thresholds (GroupConfig documents and overrides them):
 - dlib 128-d descriptors: euclidean 0.6 — dlib's own "same person" threshold (99.38% on LFW).

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -380,3 +383,12 @@ def test_embeddings_too_big_for_memory_are_finalized_from_a_mapped_file(
     assert mapped == in_memory and mapped["identities"]["total"] == 600
     assert (tmp_path / "ds" / "identities.parquet").read_bytes() == held
     assert list(spill_root.iterdir()) == []  # the file goes with finalize
+
+
+@pytest.mark.skipif(any(map(os.path.exists, ann.GPU_NODES)), reason="a GPU driver is here")
+def test_finding_no_gpu_does_not_import_torch():
+    code = (
+        "import sys; from fgid import ann; print(ann.search_device('auto'), 'torch' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["cpu", "False"]
