@@ -8,7 +8,6 @@ identities the samples of the earlier builds already had, which it keeps.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fgid import grouping, history
 from fgid.config import BuildConfig
 from fgid.dataset import IDENTITIES_FILE, Dataset
 from fgid.schema import INDEX_SCHEMA, REGIONS, STATUS_OK, reason_code
+from storage.scratch import scratch
 
 AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 # Embeddings that would take more than this share of the memory available are held in a
@@ -223,7 +223,7 @@ def finalize(out_dir: str, config: BuildConfig) -> dict:
     index = dataset.index(GROUPING_COLUMNS)
     kept = index.filter(pc.equal(index["status"], STATUS_OK))
     del index
-    with tempfile.TemporaryDirectory(prefix="fgid-finalize-") as spill:
+    with scratch("finalize") as spill:
         embeddings = read_embeddings(dataset, kept, spill)
         previous = previous_identities(dataset, kept)
         identities = assign_identities(kept, embeddings, config, previous)

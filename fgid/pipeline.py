@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from fgid.stages.detect import DetectStage
 from fgid.stages.identity import AttributeStage, EmbedStage
 from fgid.stages.parse import ParseStage, regions_unseen
 from fgid.writer import ShardWriter, encode_sample
+from storage.scratch import scratch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _prepare_output(
     # re-adds them; a rerun during an unfinished removal is refused (RemovalPending).
     removed = dataset.removed_for_planning()
     items = iter_items(inputs, config.labels, columns=config.inputs)
-    with tempfile.TemporaryDirectory(prefix="fgid-plan-") as folder:
+    with scratch("plan") as folder:
         listing = os.path.join(folder, "listing.parquet")
         # Listed before anything is written: a bad input found now leaves the output as it was.
         planned = write_listing(listing, items, config.shard_size, removed)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import heapq
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 
 import pyarrow as pa
+
+from storage.scratch import scratch
 
 RUN_ROWS = 250_000  # rows sorted in memory at once (about 100 MB of planned inputs)
 BATCH_ROWS = 2_048  # rows read back per run while merging
@@ -32,7 +33,7 @@ def sorted_rows(
     A generator: the runs live in a temporary folder that is deleted when it is exhausted or
     closed."""
     run: list[tuple] = []
-    with tempfile.TemporaryDirectory(prefix="fgid-sort-") as folder:
+    with scratch("sort") as folder:
         paths: list[str] = []
         for row in rows:
             run.append(row)
