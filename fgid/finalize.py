@@ -8,6 +8,7 @@ identities the samples of the earlier builds already had, which it keeps.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -63,21 +64,53 @@ def read_embeddings(dataset: Dataset, kept: pa.Table, spill_dir: str | None = No
     return embeddings
 
 
+# A container's memory limit and use (cgroup v2, then v1): /proc/meminfo shows the host's.
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
 def memory_available() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (Linux); None where unknown."""
+    """Bytes that can be allocated without swapping (Linux: MemAvailable, or less where this
+    process's cgroup limit leaves less); None where unknown."""
+    found = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    for limit_file, usage_file in CGROUP_MEMORY:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            left = max(0, int(limit) - usage)
+            found = left if found is None else min(found, left)
+        break
+    return found
 
 
 def _allocate(rows: int, dim: int, spill_dir: str | None) -> np.ndarray:
     nbytes = rows * dim * 4
     available = memory_available()
     if spill_dir is None or available is None or nbytes <= SPILL_SHARE * available:
+        return np.empty((rows, dim), np.float32)
+    free = shutil.disk_usage(spill_dir).free
+    if free < nbytes * 1.05:
+        # A mapped file that cannot grow kills the process (SIGBUS) at the first page written
+        # past the end of the disk: try memory instead, and say how to give it room.
+        log.warning(
+            "embeddings take %.1f GB but %s has %.1f GB free: holding them in memory (%.1f GB "
+            "available); point TMPDIR at a disk with room",
+            nbytes / 1e9,
+            spill_dir,
+            free / 1e9,
+            available / 1e9,
+        )
         return np.empty((rows, dim), np.float32)
     path = Path(spill_dir) / "embeddings.f32"
     log.info(

@@ -392,3 +392,35 @@ def test_finding_no_gpu_does_not_import_torch():
     )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.split() == ["cpu", "False"]
+
+
+def test_memory_available_honours_a_container_limit(tmp_path, monkeypatch):
+    from fgid import finalize
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("1000000000\n")
+    usage.write_text("400000000\n")
+    monkeypatch.setattr(finalize, "CGROUP_MEMORY", ((str(limit), str(usage)),))
+    assert finalize.memory_available() == 600_000_000
+    limit.write_text("max\n")  # no limit: the machine's MemAvailable
+    assert finalize.memory_available() > 600_000_000
+
+
+def test_no_room_for_the_mapped_file_keeps_embeddings_in_memory(tmp_path, monkeypatch, caplog):
+    # A full disk cannot be made here: the free space is what the check is told.
+    import collections
+    import shutil
+
+    from bench.scale_bench import write_dataset
+    from fgid import finalize
+    from fgid.config import BuildConfig
+
+    write_dataset(tmp_path / "ds", 500, 500)
+    monkeypatch.setattr(finalize, "SPILL_SHARE", 0.0)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with caplog.at_level(logging.INFO, logger="fgid.finalize"):
+        summary = finalize.finalize(str(tmp_path / "ds"), BuildConfig())
+    assert "point TMPDIR at a disk with room" in caplog.text
+    assert "memory-mapped file" not in caplog.text
+    assert summary["samples"] == 500
