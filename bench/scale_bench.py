@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -131,8 +132,6 @@ class AnonPeak:
     """The highest RssAnon (memory not backed by a file) seen, sampled every 0.2 s."""
 
     def __init__(self) -> None:
-        import threading
-
         self.peak, self.done = 0, threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
